@@ -1,0 +1,220 @@
+"""The `trace` command line.
+
+    trace export MODEL.gguf --prompt "What is 2+2?" -o trace.json
+    trace export MODEL.gguf --tokens 3838,374,220,17 --top-k 20 -o -
+    trace generate MODEL.gguf --prompt "Write fizzbuzz" --chat --temperature 0.7 --seed 42
+    trace synth --shape qwen3-30b-a3b --layers 4 -o bench.gguf
+
+stdout carries only the result (JSON, generated text); progress and errors go to stderr.
+Exit codes: 0 success, 1 a clear error about the input, 2 wrong usage.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import click
+
+from engine.errors import WorkbenchError
+
+from . import progress
+
+
+class _Group(click.Group):
+    """Turns input errors into one line on stderr and exit code 1, never a traceback."""
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except WorkbenchError as exc:
+            click.echo(f"error: {exc}", err=True)
+            sys.exit(1)
+        except BrokenPipeError:
+            sys.exit(1)
+        except KeyboardInterrupt:
+            click.echo("interrupted", err=True)
+            sys.exit(130)
+        except OSError as exc:
+            click.echo(f"error: {exc.strerror or exc}: {exc.filename or ''}".rstrip(": "), err=True)
+            sys.exit(1)
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("-q", "--quiet", is_flag=True, help="No progress on stderr.")
+def main(quiet: bool):
+    """Trace, generate with and inspect qwen3_moe GGUF models."""
+    progress.set_quiet(quiet)
+
+
+def knob_options(f):
+    """The knobs that reproduce upstream bugs; all off by default (the correct model)."""
+    f = click.option("--template", type=click.Choice(["auto", "chatml", "qwen3-nothink", "raw"]), default="auto",
+                     show_default=True, help="Chat template used with --chat.")(f)
+    f = click.option("--no-norm-topk-prob", is_flag=True, help="Do not renormalise the top-k routing weights.")(f)
+    f = click.option("--rope-theta", type=float, default=None, help="Override the file's rope base.")(f)
+    f = click.option("--no-qk-norm", is_flag=True, help="Skip the per-head Q/K RMSNorm (the upstream bug).")(f)
+    return f
+
+
+def prompt_options(f):
+    f = click.option("--system", default=None, help="System message (with --chat).")(f)
+    f = click.option("--chat", is_flag=True, help="Wrap the prompt in the chat template as a user turn.")(f)
+    f = click.option("--tokens", default=None, help="Comma-separated token ids instead of a prompt.")(f)
+    f = click.option("--prompt", default=None, help="Prompt text.")(f)
+    return f
+
+
+def make_knobs(no_qk_norm, rope_theta, no_norm_topk_prob, template):
+    from engine.config import Knobs
+
+    return Knobs(qk_norm=not no_qk_norm, rope_theta=rope_theta, norm_topk_prob=not no_norm_topk_prob,
+                 template=template)
+
+
+def load(model_path: str):
+    from engine.model import load_model
+
+    with progress.status(f"loading {Path(model_path).name}"):
+        return load_model(model_path)
+
+
+def prompt_tokens(model, prompt, tokens, chat, template, system, *, default_prompt=None):
+    from engine.errors import InputError
+    from engine.session import encode_prompt, parse_token_list
+
+    if prompt is not None and tokens is not None:
+        raise InputError("give --prompt or --tokens, not both")
+    if tokens is not None:
+        if chat:
+            raise InputError("--chat needs --prompt, not --tokens")
+        return None, parse_token_list(tokens)
+    if prompt is None:
+        if default_prompt is None:
+            raise InputError("give --prompt or --tokens")
+        prompt = default_prompt
+    return prompt, encode_prompt(model, prompt, chat=chat, template=template, system=system)
+
+
+def write_output(text: str, output: str) -> None:
+    if output == "-":
+        sys.stdout.write(text)
+        sys.stdout.write("\n")
+        sys.stdout.flush()
+        return
+    path = Path(output)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text + "\n", encoding="utf-8")
+    tmp.replace(path)
+    click.echo(f"wrote {path}", err=True)
+
+
+@main.command()
+@click.argument("source")
+@prompt_options
+@knob_options
+@click.option("--top-k", type=click.IntRange(1, 1000), default=5, show_default=True, help="Top logits to list.")
+@click.option("-o", "--output", default="-", show_default=True, help="Output file, or - for stdout.")
+def export(source, prompt, tokens, chat, system, no_qk_norm, rope_theta, no_norm_topk_prob, template, top_k, output):
+    """Trace one forward pass over a prompt and write the JSON payload."""
+    from traces.payload import dumps
+    from traces.tracing import trace_payload
+
+    knobs = make_knobs(no_qk_norm, rope_theta, no_norm_topk_prob, template)
+    model = load(source)
+    text, ids = prompt_tokens(model, prompt, tokens, chat, template, system, default_prompt="What is 2+2?")
+    with progress.status(f"tracing {len(ids)} tokens (the first run compiles the kernels)"):
+        payload = trace_payload(model, ids, prompt=text, knobs=knobs, top_k=top_k)
+    write_output(dumps(payload), output)
+
+
+def sampling_options(f):
+    from engine.sampler import SamplingParams
+
+    d = SamplingParams()
+    f = click.option("--stop", multiple=True, help="Stop string (repeatable).")(f)
+    f = click.option("--max-tokens", type=int, default=d.max_tokens, show_default=True)(f)
+    f = click.option("--seed", type=int, default=None, help="Seed of the sampler's generator.")(f)
+    f = click.option("--repeat-last-n", type=int, default=d.repeat_last_n, show_default=True)(f)
+    f = click.option("--repeat-penalty", type=float, default=d.repeat_penalty, show_default=True)(f)
+    f = click.option("--min-p", type=float, default=d.min_p, show_default=True)(f)
+    f = click.option("--top-p", type=float, default=d.top_p, show_default=True)(f)
+    f = click.option("--top-k", type=int, default=d.top_k, show_default=True)(f)
+    f = click.option("--temperature", type=float, default=d.temperature, show_default=True)(f)
+    return f
+
+
+@main.command()
+@click.argument("model_path")
+@prompt_options
+@knob_options
+@sampling_options
+def generate(model_path, prompt, tokens, chat, system, no_qk_norm, rope_theta, no_norm_topk_prob, template,
+             temperature, top_k, top_p, min_p, repeat_penalty, repeat_last_n, seed, max_tokens, stop):
+    """Generate text, streaming each token to stdout as it is produced."""
+    from engine.generate import Generation, generate as run
+    from engine.sampler import SamplingParams
+
+    params = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
+                            repeat_penalty=repeat_penalty, repeat_last_n=repeat_last_n, seed=seed,
+                            max_tokens=max_tokens, stop=tuple(stop))
+    knobs = make_knobs(no_qk_norm, rope_theta, no_norm_topk_prob, template)
+    model = load(model_path)
+    _, ids = prompt_tokens(model, prompt, tokens, chat, template, system)
+    tok = model.tokenizer
+    res = Generation(prompt_ids=list(ids))
+    printed = ""
+    progress_msg = "prefill (the first run compiles the kernels)"
+    if not progress._quiet:
+        click.echo(f"{progress_msg} ...", err=True)
+    for step in run(model, ids, params, knobs=knobs, result=res):
+        if tok is None:
+            sys.stdout.write(f"{step.token_id} ")
+        else:
+            text = tok.decode(res.token_ids)
+            if step.finish == "stop_string":
+                cut = min(text.find(s) for s in params.stop if s in text)
+                text = text[:cut]
+            elif step.finish == "stop_token":
+                text = tok.decode(res.token_ids[:-1])
+            stable = text if step.finish else text.rstrip("\ufffd")
+            if stable.startswith(printed):
+                sys.stdout.write(stable[len(printed):])
+                printed = stable
+        sys.stdout.flush()
+    sys.stdout.write("\n")
+    n = len(res.token_ids)
+    if not progress._quiet:
+        rate = (n - 1) / res.decode_seconds if n > 1 and res.decode_seconds > 0 else float("nan")
+        click.echo(
+            f"{n} tokens, finish: {res.finish}; prefill {len(ids)} tokens in {res.prefill_seconds:.2f} s, "
+            f"decode {rate:.1f} tok/s",
+            err=True,
+        )
+
+
+@main.command()
+@click.option("--shape", type=click.Choice(["tiny", "qwen3-30b-a3b"]), default="tiny", show_default=True,
+              help="tiny: a small test model; qwen3-30b-a3b: the real model's shapes with random blocks.")
+@click.option("--layers", type=click.IntRange(1, 512), default=None, help="Number of layers.")
+@click.option("--qtype", default=None, help="F32, F16, BF16, Q8_0, Q4_K, Q5_K, Q6_K or Q4_K_M.")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="GGUF file to write.")
+def synth(shape, layers, qtype, seed, output):
+    """Write a synthetic qwen3moe GGUF file (random weights) for tests and benchmarks."""
+    import dataclasses
+
+    from engine.synth import SynthSpec, shape_spec, write_model
+
+    spec = shape_spec(shape, layers) if shape != "tiny" else SynthSpec(n_layers=layers or 2)
+    changes = {"seed": seed}
+    if qtype:
+        changes["qtype"] = qtype
+    spec = dataclasses.replace(spec, **changes)
+    write_model(output, spec, progress=progress.bar(f"writing {output}"))
+    size = Path(output).stat().st_size
+    click.echo(f"wrote {output} ({size / 1e9:.2f} GB)", err=True)
+
+
+if __name__ == "__main__":
+    main()

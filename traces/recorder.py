@@ -1,0 +1,101 @@
+"""TraceRecorder: the recorder the traces package passes into the engine's one forward pass.
+
+It keeps, for every position the forward processes (across calls, so a generation's steps add up):
+  stats[(layer, slot)]   float64 (P, 10)  per-position statistics (engine.kernels.STAT_FIELDS order);
+                         layer is None for 'embedding' and 'final_norm'
+  router[layer]          selected_experts int32 (P, k), expert_weights float32 (P, k),
+                         router_logits / routing_weights float32 (P, E)
+  logits                 per position that produced logits: stats (10,), l2_norm, top-k ids/logits/probs
+  vectors[(layer, slot)] float32 (P, d) when capture_vectors
+P = positions recorded so far, in order.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass
+
+import numpy as np
+
+from engine.kernels import activation_stats
+from engine.recorder import Recorder
+
+
+@dataclass
+class LogitsRecord:
+    position: int
+    stats: np.ndarray  # float64 (10,)
+    top_ids: np.ndarray  # int64 (K,)
+    top_logits: np.ndarray  # float32 (K,)
+    top_probs: np.ndarray  # float32 (K,) softmax over the whole vocabulary
+
+
+class TraceRecorder(Recorder):
+    enabled = True
+
+    def __init__(self, *, capture_vectors: bool = False, all_logits: bool = False, top_k: int = 20,
+                 keep_last_logits: bool = False):
+        self.capture_vectors = capture_vectors
+        self.all_logits = all_logits
+        self.top_k = top_k
+        self.keep_last_logits = keep_last_logits
+        self._stats: dict = defaultdict(list)
+        self._vectors: dict = defaultdict(list)
+        self._router: dict = defaultdict(lambda: defaultdict(list))
+        self.positions: list[int] = []
+        self.logits_records: list[LogitsRecord] = []
+        self.last_logits: np.ndarray | None = None
+
+    # -- the engine calls these ------------------------------------------------------------------
+    def slot(self, layer, slot, positions, stats, vectors):
+        if layer is None and slot == "embedding":
+            self.positions.extend(int(p) for p in positions)
+        self._stats[(layer, slot)].append(np.asarray(stats, dtype=np.float64))
+        if vectors is not None:
+            self._vectors[(layer, slot)].append(np.array(vectors, dtype=np.float32))
+
+    def router(self, layer, positions, router_logits, routing_weights, selected_experts, expert_weights):
+        r = self._router[layer]
+        r["router_logits"].append(np.array(router_logits, dtype=np.float32))
+        r["routing_weights"].append(np.array(routing_weights, dtype=np.float32))
+        r["selected_experts"].append(np.array(selected_experts, dtype=np.int32))
+        r["expert_weights"].append(np.array(expert_weights, dtype=np.float32))
+
+    def logits(self, positions, logits):
+        k = min(self.top_k, logits.shape[-1])
+        for pos, row in zip(positions, logits):
+            top = np.argsort(-row, kind="stable")[:k]
+            finite = row[np.isfinite(row)]
+            if finite.size:
+                e = np.exp((row - finite.max()).astype(np.float64))
+                probs = (e / np.nansum(e)).astype(np.float32)
+            else:
+                probs = np.full_like(row, np.nan)
+            self.logits_records.append(
+                LogitsRecord(int(pos), activation_stats(row), top.astype(np.int64), row[top].copy(), probs[top])
+            )
+        if self.keep_last_logits:
+            self.last_logits = np.array(logits[-1], dtype=np.float32)
+
+    # -- read back ---------------------------------------------------------------------------------
+    def stats(self, layer: int | None, slot: str) -> np.ndarray:
+        """float64 (P, 10) for every recorded position."""
+        return np.concatenate(self._stats[(layer, slot)], axis=0)
+
+    def has(self, layer, slot) -> bool:
+        return (layer, slot) in self._stats
+
+    def vectors(self, layer: int | None, slot: str) -> np.ndarray | None:
+        parts = self._vectors.get((layer, slot))
+        return np.concatenate(parts, axis=0) if parts else None
+
+    def router_array(self, layer: int, name: str) -> np.ndarray:
+        return np.concatenate(self._router[layer][name], axis=0)
+
+    @property
+    def router_layers(self) -> list[int]:
+        return sorted(self._router)
+
+    @property
+    def vector_keys(self) -> list:
+        return list(self._vectors)
