@@ -35,6 +35,19 @@ def experts(w: QTensor, selected: np.ndarray, x: np.ndarray) -> np.ndarray:
     return out
 
 
+def final_norm(model: Model, x: np.ndarray) -> np.ndarray:
+    """The final RMSNorm of the residual stream (m, H) -> (m, H)."""
+    return ops.rmsnorm(x, model.output_norm, model.config.rms_eps)
+
+
+def lm_head(model: Model, normed: np.ndarray) -> np.ndarray:
+    """(m, H) -> logits (m, V) with output.weight, or token_embd.weight when the file ties them.
+
+    The forward ends with final_norm then lm_head; the logit lens applies both to earlier layers.
+    """
+    return linear(model.output, normed)
+
+
 def forward(
     model: Model,
     tokens: np.ndarray,
@@ -122,12 +135,12 @@ def forward(
         if rec.enabled:
             record(i, "output", x)
 
-    # final rmsnorm and the lm_head (output.weight, or token_embd.weight when tied)
-    x = ops.rmsnorm(x, model.output_norm, eps)
+    # final rmsnorm and the lm_head
+    x = final_norm(model, x)  # (n, H)
     if rec.enabled:
         record(None, "final_norm", x)
     rows = x if (all_logits or rec.all_logits) else x[-1:]
-    logits = linear(model.output, rows)  # (n or 1, V)
+    logits = lm_head(model, rows)  # (n or 1, V)
     if rec.enabled:
         rec.logits(positions[-rows.shape[0]:], logits)
     cache.length = p0 + n

@@ -85,7 +85,7 @@ def build_hf_model(model: Model, *, rope_theta: float | None = None, norm_topk_p
         gate, up = dequantize(T[b + "ffn_gate_exps.weight"]), dequantize(T[b + "ffn_up_exps.weight"])
         sd[p + "mlp.experts.gate_up_proj"] = np.concatenate([gate, up], axis=1)  # (E, 2F, H)
         sd[p + "mlp.experts.down_proj"] = dequantize(T[b + "ffn_down_exps.weight"])  # (E, H, F)
-    tensors = {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in sd.items()}
+    tensors = {k: torch.from_numpy(np.array(v, dtype=np.float32, order="C", copy=True)) for k, v in sd.items()}
     if cfg.tie_word_embeddings:
         tensors.pop("lm_head.weight")
     missing, unexpected = hf.load_state_dict(tensors, strict=False, assign=True)
