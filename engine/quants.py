@@ -32,7 +32,12 @@ FAST_TYPES: frozenset[QT] = frozenset(BLOCK_LAYOUT)
 
 def block_layout(qtype: int) -> tuple[int, int]:
     """(elements, bytes) of one block of `qtype`; any type gguf-py knows."""
-    qt = QT(qtype)
+    try:
+        qt = QT(qtype)
+    except ValueError:
+        from .errors import UnsupportedTypeError
+
+        raise UnsupportedTypeError(f"unknown tensor type id {qtype}") from None
     if qt in BLOCK_LAYOUT:
         return BLOCK_LAYOUT[qt]
     return GGML_QUANT_SIZES[qt]
