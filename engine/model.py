@@ -163,8 +163,9 @@ def load_model(path: str | os.PathLike, *, with_tokenizer: bool = True) -> Model
                 f"{f.path.name}: tokenizer has {len(data.tokens)} tokens but {TOKEN_EMBD} has {vocab} rows"
             )
         tokenizer = Tokenizer.from_data(data)
+    embd = QTensor.from_info(token_embd)
     return Model(
-        path=f.path, config=cfg, metadata=md, token_embd=QTensor.from_info(token_embd),
-        output_norm=_small_f32(output_norm), output=QTensor.from_info(output), layers=layers,
+        path=f.path, config=cfg, metadata=md, token_embd=embd,
+        output_norm=_small_f32(output_norm), output=embd if tied else QTensor.from_info(output), layers=layers,
         tokenizer=tokenizer, file_size=f.size, tensor_types={n: t.type_name for n, t in f.tensors.items()},
     )
