@@ -42,6 +42,10 @@ def _environment():
                         raise SecurityError("a repetition would exceed the output bound")
             return super().call_binop(context, operator, left, right)
 
+        def unsafe_undefined(self, obj, attribute):
+            # the default renders an unsafe attribute as an empty Undefined; refuse it outright instead
+            raise SecurityError(f"access to attribute {attribute!r} of a {type(obj).__name__} is not allowed")
+
     env = BoundedSandbox(trim_blocks=True, lstrip_blocks=True, keep_trailing_newline=True)
 
     def raise_exception(message):

@@ -151,7 +151,7 @@ class Sampler:
         if p.top_p < 1.0:
             order = np.argsort(-probs, kind="stable")
             cum = np.cumsum(probs[order])
-            n_keep = int(np.searchsorted(cum, p.top_p) + 1)
+            n_keep = min(cum.size, int(np.searchsorted(cum, p.top_p)) + 1)
             nucleus = np.zeros_like(keep)
             nucleus[order[:n_keep]] = True
             keep &= nucleus
