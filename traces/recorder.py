@@ -33,9 +33,13 @@ class LogitsRecord:
 class TraceRecorder(Recorder):
     enabled = True
 
-    def __init__(self, *, capture_vectors: bool = False, all_logits: bool = False, top_k: int = 20,
-                 keep_last_logits: bool = False):
-        self.capture_vectors = capture_vectors
+    def __init__(self, *, capture_vectors: bool | frozenset = False, all_logits: bool = False, top_k: int = 20,
+                 keep_last_logits: bool = False, vectors_last_only: bool = False):
+        """capture_vectors: True for every slot, or a set of slot names; vectors_last_only keeps only the
+        last position of each call (what the logit lens needs, at 48 layers x 2048 floats)."""
+        self.capture_vectors = bool(capture_vectors)
+        self._capture_slots = None if capture_vectors is True else frozenset(capture_vectors or ())
+        self.vectors_last_only = vectors_last_only
         self.all_logits = all_logits
         self.top_k = top_k
         self.keep_last_logits = keep_last_logits
@@ -51,8 +55,9 @@ class TraceRecorder(Recorder):
         if layer is None and slot == "embedding":
             self.positions.extend(int(p) for p in positions)
         self._stats[(layer, slot)].append(np.asarray(stats, dtype=np.float64))
-        if vectors is not None:
-            self._vectors[(layer, slot)].append(np.array(vectors, dtype=np.float32))
+        if vectors is not None and (self._capture_slots is None or slot in self._capture_slots):
+            keep = vectors[-1:] if self.vectors_last_only else vectors
+            self._vectors[(layer, slot)].append(np.array(keep, dtype=np.float32))
 
     def router(self, layer, positions, router_logits, routing_weights, selected_experts, expert_weights):
         r = self._router[layer]
