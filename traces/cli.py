@@ -115,11 +115,25 @@ def write_output(text: str, output: str) -> None:
 @knob_options
 @click.option("--top-k", type=click.IntRange(1, 1000), default=5, show_default=True, help="Top logits to list.")
 @click.option("-o", "--output", default="-", show_default=True, help="Output file, or - for stdout.")
-def export(source, prompt, tokens, chat, system, no_qk_norm, rope_theta, no_norm_topk_prob, template, top_k, output):
-    """Trace one forward pass over a prompt and write the JSON payload."""
+@click.option("--store", "store_dir", envvar="TRACE_STORE", default=None, type=click.Path(file_okay=False),
+              help="Run store, when SOURCE is a RUN_ID.")
+def export(source, prompt, tokens, chat, system, no_qk_norm, rope_theta, no_norm_topk_prob, template, top_k, output,
+           store_dir):
+    """Write the JSON payload of one traced forward pass.
+
+    SOURCE is a model file (traced now, over --prompt or --tokens) or a stored RUN_ID (its payload, the
+    same JSON the model would give for the same tokens and knobs)."""
+    from engine.errors import InputError
     from traces.payload import dumps
     from traces.tracing import trace_payload
 
+    from .cli_runs import export_run, is_run_ref
+
+    if is_run_ref(source):
+        if prompt is not None or tokens is not None or chat or no_qk_norm or rope_theta is not None \
+                or no_norm_topk_prob or template != "auto":
+            raise InputError("a stored run is exported as it was traced: drop the prompt, tokens and knob options")
+        return export_run(source, store_dir, top_k, output)
     knobs = make_knobs(no_qk_norm, rope_theta, no_norm_topk_prob, template)
     model = load(source)
     text, ids = prompt_tokens(model, prompt, tokens, chat, template, system, default_prompt="What is 2+2?")
@@ -216,5 +230,4 @@ def synth(shape, layers, qtype, seed, output):
     click.echo(f"wrote {output} ({size / 1e9:.2f} GB)", err=True)
 
 
-if __name__ == "__main__":
-    main()
+from . import cli_runs  # noqa: E402,F401  (registers run, ls, show, diff, rm, label, reference)

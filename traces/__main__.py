@@ -1,0 +1,5 @@
+"""`python -m traces` is the `trace` command."""
+
+from .cli import main
+
+main()
