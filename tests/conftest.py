@@ -55,7 +55,7 @@ def run_cli(*args, stdin=None, env=None, timeout=300):
     """Run the real `trace` command in a subprocess; returns CompletedProcess (text)."""
     e = dict(os.environ)
     e.update(env or {})
-    return subprocess.run([sys.executable, "-m", "traces.cli", *map(str, args)], capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "traces", *map(str, args)], capture_output=True, text=True,
                           input=stdin, env=e, timeout=timeout, cwd=ROOT)
 
 

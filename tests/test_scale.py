@@ -29,7 +29,7 @@ def rss_anon_kb(pid: int) -> int:
 
 def run_watching_memory(args: list[str]) -> tuple[subprocess.CompletedProcess, int]:
     """Run the trace CLI, sampling the child's RssAnon every 20 ms; returns (result, peak kB)."""
-    proc = subprocess.Popen([sys.executable, "-m", "traces.cli", *args], stdout=subprocess.PIPE,
+    proc = subprocess.Popen([sys.executable, "-m", "traces", *args], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, cwd=ROOT)
     peak = [0]
 
@@ -47,7 +47,7 @@ def run_watching_memory(args: list[str]) -> tuple[subprocess.CompletedProcess, i
 
 def test_qwen3_30b_shapes_four_layers_export_in_bounded_memory(tmp_path_factory):
     path = tmp_path_factory.mktemp("big") / "bench.gguf"
-    synth = subprocess.run([sys.executable, "-m", "traces.cli", "synth", "--shape", "qwen3-30b-a3b", "--layers", "4",
+    synth = subprocess.run([sys.executable, "-m", "traces", "synth", "--shape", "qwen3-30b-a3b", "--layers", "4",
                             "-o", str(path)], capture_output=True, text=True, cwd=ROOT, timeout=900)
     assert synth.returncode == 0, synth.stderr
     size = path.stat().st_size

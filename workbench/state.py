@@ -7,7 +7,7 @@ import streamlit as st
 from engine.config import Knobs
 from engine.model import Model, load_model
 
-from .models import available_models, resolve_model
+from .catalog import available_models, resolve_model
 from .view import TraceView, from_recorder
 
 DEFAULT_PROMPT = "def fizzbuzz(n):\n"

@@ -176,7 +176,7 @@ def main(argv=None) -> int:
         opt.step()
         step += 1
         if step % 50 == 0:
-            print(f"step {step} loss {float(out.loss):.3f} lr {lr:.2e} {time.time() - start:.0f} s", flush=True)
+            print(f"step {step} loss {out.loss.item():.3f} lr {lr:.2e} {time.time() - start:.0f} s", flush=True)
     val_loss = evaluate(hf, val, 40, args.batch, np.random.default_rng(SEED + 1))
     uni = unigram_loss(train, val, VOCAB)
     print(f"validation loss {val_loss:.3f} nats/token; unigram baseline {uni:.3f}", flush=True)
