@@ -55,3 +55,14 @@ def specialisation(counts: np.ndarray) -> np.ndarray:
     p = counts / np.maximum(counts.sum(axis=1, keepdims=True), 1)
     ent = -(np.where(p > 0, p * np.log(np.where(p > 0, p, 1)), 0)).sum(axis=1)
     return 1 - ent / np.log(counts.shape[1])
+
+
+def flip_matrix(selected_a: np.ndarray, selected_b: np.ndarray) -> np.ndarray:
+    """(L, P, k) x 2 -> (L, P) 1 - Jaccard of the two runs' selected experts (0: same choice)."""
+    L, P = min(selected_a.shape[0], selected_b.shape[0]), min(selected_a.shape[1], selected_b.shape[1])
+    out = np.zeros((L, P))
+    for layer in range(L):
+        for p in range(P):
+            a, b = set(selected_a[layer, p].tolist()), set(selected_b[layer, p].tolist())
+            out[layer, p] = 1 - len(a & b) / len(a | b) if a | b else 0.0
+    return out

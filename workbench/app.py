@@ -17,4 +17,6 @@ st.navigation([
     st.Page(PAGES / "router.py", title="Router", icon=":material/alt_route:"),
     st.Page(PAGES / "logits.py", title="Logits", icon=":material/bar_chart:"),
     st.Page(PAGES / "generate.py", title="Generate", icon=":material/edit_note:"),
+    st.Page(PAGES / "diff.py", title="Diff", icon=":material/compare_arrows:"),
+    st.Page(PAGES / "runs.py", title="Runs", icon=":material/folder_open:"),
 ]).run()

@@ -76,3 +76,22 @@ def current_view() -> TraceView:
         st.session_state["view"] = view
         st.session_state["view_model"] = str(choices[0].path)
     return view
+
+
+def get_store():
+    """The run store the CLI uses (TRACE_STORE, else the user's data folder)."""
+    from traces.store import Store
+
+    return Store(None)
+
+
+def save_live_trace(path: str, prompt: str, chat: bool, knobs: Knobs, label: str | None) -> str:
+    """Trace again with vectors and store it; returns the run id. (Cheap on the embedded model.)"""
+    from engine.session import encode_prompt
+    from traces.store import Run
+    from traces.tracing import trace_tokens
+
+    model = get_model(path)
+    tokens = encode_prompt(model, prompt, chat=chat, template=knobs.template)
+    rec = trace_tokens(model, tokens, knobs=knobs, capture_vectors=True, top_k=20)
+    return get_store().save(Run.from_trace(model, rec, tokens, prompt=prompt, knobs=knobs, label=label or None))

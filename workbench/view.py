@@ -103,3 +103,30 @@ def from_payload(payload: dict) -> TraceView:
         top_probs=[t.get("prob") or 0.0 for t in top], top_logits=[t.get("logit") for t in top],
         positions=list(range(len(tokens))), source="payload",
     )
+
+
+def from_run(run) -> TraceView:
+    """A stored run (traces.store.Run): statistics at every position, the router, the top-k at the last position."""
+    L = run.n_layers
+    meta = run.meta
+    stats = {}
+    for s in LAYER_SLOTS:
+        per_layer = [run.stats(i, s) for i in range(L)]
+        if all(p is not None for p in per_layer):
+            stats[s] = np.stack([p.stats for p in per_layer])
+    r = run.router
+    lg = run.logits
+    texts = lg.texts[-1] if lg.texts else [None] * len(lg.ids[-1])
+    tokens = run.tokens
+    return TraceView(
+        model_name=(meta.get("model") or {}).get("name", "?"), prompt=meta.get("prompt"), tokens=tokens,
+        token_texts=meta.get("token_texts") or [str(t) for t in tokens], config=meta.get("config") or {},
+        knobs=meta.get("knobs") or {}, stats=stats,
+        selected=r.selected if r is not None else np.zeros((L, 0, 0), dtype=np.int64),
+        weights=r.weights if r is not None else np.zeros((L, 0, 0)),
+        probs=r.probs if r is not None else None,
+        top_ids=[int(i) for i in lg.ids[-1]], top_texts=[t if t is not None else str(int(i)) for t, i in
+                                                         zip(texts, lg.ids[-1])],
+        top_probs=[float(p) for p in lg.probs[-1]], top_logits=[float(x) for x in lg.logits[-1]],
+        positions=list(range(len(tokens))), source=run.source,
+    )

@@ -66,3 +66,39 @@ def test_generate_with_a_seed_gives_the_same_text_twice(app):
     app.number_input(key="gen_temperature").set_value(1.5)
     app.button(key="gen_run").click().run()
     assert not app.exception, app.exception
+
+
+@pytest.fixture
+def store(tmp_path, monkeypatch):
+    monkeypatch.setenv("TRACE_STORE", str(tmp_path / "store"))
+    return tmp_path / "store"
+
+
+def test_diff_before_after_demo_names_layer_0(app, store):
+    app.switch_page("app_pages/diff.py").run()
+    assert not app.exception, app.exception
+    app.button(key="diff_demo").click().run()
+    assert not app.exception, app.exception
+    fd = app.session_state["diff_result"]["first_divergence"]
+    assert fd is not None and fd["layer"] == 0 and fd["slot"] == "attn_out"
+    assert any("First divergence: layer 0" in e.value for e in app.error)
+    assert len(charts(app)) >= 3
+    # the same two runs, picked from the store
+    app.radio(key="diff_mode").set_value("stored runs").run()
+    assert not app.exception, app.exception
+    assert app.session_state["diff_result"]["first_divergence"] is not None
+
+
+def test_save_then_browse_rename_and_delete_runs(app, store):
+    app.text_input(key="trace_label").set_value("first")
+    next(b for b in app.button if b.label == "Save to the store").click().run()
+    assert not app.exception, app.exception
+    app.switch_page("app_pages/runs.py").run()
+    assert not app.exception, app.exception
+    assert list(app.dataframe[0].value["label"]) == ["first"]
+    app.text_input(key="runs_label").set_value("renamed")
+    app.button(key="runs_rename").click().run()
+    assert list(app.dataframe[0].value["label"]) == ["renamed"]
+    app.button(key="runs_delete").click().run()
+    assert not app.exception, app.exception
+    assert any("No runs yet" in i.value for i in app.info)

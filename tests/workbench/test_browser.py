@@ -23,7 +23,8 @@ CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 ARTIFACTS = ROOT / "test-artifacts" / "screenshots"
 CHART = ".js-plotly-plot"
 PAGES = [("trace", "", CHART), ("router", "router", CHART), ("logits", "logits", CHART),
-         ("generate", "generate", "[data-testid='stTextArea'] textarea")]
+         ("generate", "generate", "[data-testid='stTextArea'] textarea"),
+         ("diff", "diff", "[data-testid='stRadio']"), ("runs", "runs", "[data-testid='stAlert'], [data-testid='stDataFrame']")]
 
 pytestmark = [pytest.mark.slow, pytest.mark.skipif(CHROMIUM is None, reason="Debian chromium is not installed "
                                                    "(make test installs it on Debian as root)")]

@@ -99,10 +99,10 @@ if out:
         probs = [s.record.chosen_prob for s in steps]
         st.plotly_chart(charts.series_over_steps({"last-layer output std": std[: len(steps)]},
                                                  title="Last-layer output std per generated token", y_title="std"),
-                        use_container_width=True, key="gen_std_chart")
+                        width="stretch", key="gen_std_chart")
         st.plotly_chart(charts.series_over_steps({"probability of the chosen token": probs},
                                                  title="Chosen-token probability", y_title="p"),
-                        use_container_width=True, key="gen_prob_chart")
+                        width="stretch", key="gen_prob_chart")
     if steps:
         st.subheader("Why this token?")
         i = st.slider("step", 0, len(steps) - 1, 0, key="gen_step") if len(steps) > 1 else 0

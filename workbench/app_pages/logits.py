@@ -12,7 +12,7 @@ st.title("Logits")
 view = current_view()
 st.caption(f"{view.model_name} · last position of {len(view.tokens)} tokens")
 
-st.plotly_chart(charts.topk_bars(view.top_texts, view.top_probs), use_container_width=True, key="topk_chart")
+st.plotly_chart(charts.topk_bars(view.top_texts, view.top_probs), width="stretch", key="topk_chart")
 st.dataframe(pd.DataFrame({"rank": range(1, len(view.top_ids) + 1), "token_id": view.top_ids,
                            "text": view.top_texts, "logit": view.top_logits, "prob": view.top_probs}),
              hide_index=True)
@@ -35,4 +35,4 @@ st.dataframe(pd.DataFrame([{
 st.plotly_chart(charts.series_over_steps({"rank of final answer": [r.answer_rank for r in rows]},
                                          title="Rank of the final answer per layer", y_title="rank",
                                          x_title="layer"),
-                use_container_width=True, key="lens_chart")
+                width="stretch", key="lens_chart")

@@ -23,20 +23,20 @@ weights = analysis.mean_weights(view.selected, view.weights, n_experts)
 c1, c2 = st.columns(2)
 with c1:
     st.plotly_chart(charts.expert_heatmap(counts, title="Selections per layer and expert", colorbar="count"),
-                    use_container_width=True, key="router_counts")
+                    width="stretch", key="router_counts")
 with c2:
     st.plotly_chart(charts.expert_heatmap(weights, title="Mean routing weight when selected", colorbar="weight"),
-                    use_container_width=True, key="router_weights")
+                    width="stretch", key="router_weights")
 
 st.plotly_chart(charts.token_layer_experts(view.selected, view.weights, view.token_texts),
-                use_container_width=True, key="router_tokens")
+                width="stretch", key="router_tokens")
 
 imbalance = analysis.load_imbalance(counts)
 spec = analysis.specialisation(counts)
 if view.probs is not None:
     entropy = analysis.router_entropy(view.probs).mean(axis=1)
     margin = analysis.topk_margin(view.probs, k)
-    st.plotly_chart(charts.router_health(entropy, imbalance, margin.mean(axis=1)), use_container_width=True,
+    st.plotly_chart(charts.router_health(entropy, imbalance, margin.mean(axis=1)), width="stretch",
                     key="router_health")
     fragile = np.argwhere(margin < 0.01)
     table = pd.DataFrame({"layer": range(view.n_layers), "entropy (nats)": entropy,

@@ -18,7 +18,7 @@ with st.sidebar:
     prompt = st.text_area("Prompt", DEFAULT_PROMPT, key="trace_prompt", height=120)
     chat = st.toggle("Chat template", value=False, key="trace_chat")
     knobs = knob_controls("trace_")
-    st.button("Run", type="primary", key="trace_run", use_container_width=True)
+    st.button("Run", type="primary", key="trace_run", width="stretch")
 
 with st.spinner("Tracing (the first run compiles the kernels)…"):
     view = trace_view(path, prompt, chat, knob_items(knobs))
@@ -32,7 +32,7 @@ with right:
 std = view.std_last() if where == "last position" else view.std_mean()
 nonfinite = view.nonfinite_last()
 with left:
-    st.plotly_chart(charts.std_growth(std, log_y=log_y, nonfinite_by_slot=nonfinite), use_container_width=True,
+    st.plotly_chart(charts.std_growth(std, log_y=log_y, nonfinite_by_slot=nonfinite), width="stretch",
                     key="std_growth_chart")
 
 growth = charts.growth_factors(std)
@@ -48,7 +48,7 @@ else:
 
 slot = st.selectbox("Heatmap slot", LAYER_SLOTS, index=LAYER_SLOTS.index("output"), key="trace_heat_slot")
 st.plotly_chart(charts.layer_position_heatmap(view.std_grid(slot), view.token_texts, title=f"{slot} std"),
-                use_container_width=True, key="heatmap_chart")
+                width="stretch", key="heatmap_chart")
 
 with st.expander("Tokens"):
     st.dataframe(pd.DataFrame({"position": range(len(view.tokens)), "id": view.tokens, "text": view.token_texts}),
@@ -65,3 +65,11 @@ with st.expander("Model config and the defaults used"):
 if view.payload is not None:
     st.download_button("Download trace JSON", json.dumps(view.payload, indent=1, allow_nan=False),
                        file_name="trace.json", mime="application/json", key="trace_download")
+
+with st.form("trace_save"):
+    label = st.text_input("Label", "", key="trace_label")
+    if st.form_submit_button("Save to the store"):
+        from workbench.state import save_live_trace
+
+        run_id = save_live_trace(path, prompt, chat, knobs, label)
+        st.success(f"Stored as run {run_id} (see the Runs page, or `trace show {run_id}`).")
