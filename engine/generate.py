@@ -18,7 +18,7 @@ from .errors import NonFiniteError
 from .forward import DEFAULT_KNOBS, forward
 from .kv_cache import KVCache
 from .model import Model
-from .recorder import NULL_RECORDER, Recorder
+from .recorder import NULL_RECORDER, FirstNonFinite, Recorder
 from .sampler import Sampler, SamplingParams
 from .session import check_tokens
 
@@ -46,6 +46,13 @@ class Generation:
 
     def text(self, tokenizer) -> str:
         return tokenizer.decode(self.token_ids) if tokenizer is not None else ""
+
+
+def first_non_finite(model: Model, tokens: Sequence[int], knobs: Knobs) -> str:
+    """Re-run the sequence through the one forward with a recorder that finds the first NaN/Inf slot."""
+    rec = FirstNonFinite()
+    forward(model, np.asarray(tokens, dtype=np.int64), KVCache(model.config, len(tokens)), knobs=knobs, recorder=rec)
+    return rec.describe()
 
 
 def generate(
@@ -83,9 +90,8 @@ def generate(
     text_so_far = ""
     for index in range(budget):
         if not np.all(np.isfinite(logits)):
-            raise NonFiniteError(
-                f"logits at position {cache.length - 1} contain NaN/Inf; trace the prompt to see the first bad layer"
-            )
+            raise NonFiniteError(f"generation stopped: the logits at position {cache.length - 1} contain NaN/Inf; "
+                                 + first_non_finite(model, history, knobs))
         token, record = sampler.sample(logits, history, record=record_sampling)
         history.append(token)
         res.token_ids.append(token)

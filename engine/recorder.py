@@ -41,3 +41,26 @@ class Recorder:
 
 
 NULL_RECORDER = Recorder()
+
+
+class FirstNonFinite(Recorder):
+    """Finds where NaN/Inf first appear: the first (layer, slot, position, count) in forward order."""
+
+    enabled = True
+
+    def __init__(self):
+        self.found: tuple | None = None
+
+    def slot(self, layer, slot, positions, stats, vectors):
+        if self.found is None:
+            bad = stats[:, 7] + stats[:, 8]  # nan_count + inf_count
+            hit = np.flatnonzero(bad > 0)
+            if hit.size:
+                self.found = (layer, slot, int(positions[hit[0]]), int(bad[hit[0]]))
+
+    def describe(self) -> str:
+        if self.found is None:
+            return "no slot holds NaN/Inf; the logits alone are non-finite"
+        layer, slot, pos, count = self.found
+        where = f"layer {layer} {slot}" if layer is not None else slot
+        return f"NaN/Inf first appear at {where} (position {pos}, {count} values)"
