@@ -85,3 +85,28 @@ def test_engine_matches_hugging_face(model_factory, name):
     assert list(lr.top_ids[:10]) == list(np.argsort(-hf_last, kind="stable")[:10])
     print(f"{name}: worst slot cosine {worst:.8f}, max logit diff / max |logit| "
           f"{np.abs(mine_last - hf_last).max() / scale:.2e}")
+
+
+@pytest.mark.parametrize("name", ["stdlib-coder-q8_0.gguf", "stdlib-coder-q4_k_m.gguf"])
+def test_embedded_model_matches_hugging_face(name):
+    """The trained embedded model, same bars, on a real Python prompt through its own tokenizer."""
+    from workbench.catalog import EMBEDDED_DIR
+
+    model = load_model(EMBEDDED_DIR / name)
+    tokens = model.tokenizer.encode("import os\n\ndef walk(top):\n    for root, dirs, files in os.walk(top):\n")
+    ours = trace_tokens(model, tokens, capture_vectors=True, top_k=model.config.vocab_size)
+    ref = run_reference(build_hf_model(model), tokens)
+    for layer in range(model.config.n_layers):
+        for slot in LAYER_SLOTS:
+            assert cosine_rows(ours.vectors(layer, slot), ref.slots[(layer, slot)]).min() >= 0.99999, (layer, slot)
+        probs = ours.router_array(layer, "routing_weights")
+        srt = -np.sort(-probs, axis=1)
+        k = model.config.n_experts_used
+        for pos in range(len(tokens)):
+            if srt[pos, k - 1] - srt[pos, k] >= 1e-6:
+                assert set(ours.router_array(layer, "selected_experts")[pos]) == set(ref.selected_experts[layer][pos])
+    full = ours.logits_records[-1]
+    mine = np.empty_like(ref.logits[-1])
+    mine[full.top_ids] = full.top_logits
+    assert np.abs(mine - ref.logits[-1]).max() <= 1e-3 * np.abs(ref.logits[-1]).max()
+    assert list(full.top_ids[:10]) == list(np.argsort(-ref.logits[-1], kind="stable")[:10])
