@@ -230,4 +230,45 @@ def synth(shape, layers, qtype, seed, output):
     click.echo(f"wrote {output} ({size / 1e9:.2f} GB)", err=True)
 
 
+@main.command()
+@click.argument("model_path")
+@click.option("--prompt-tokens", type=click.IntRange(1, 32768), default=128, show_default=True)
+@click.option("--gen-tokens", type=click.IntRange(1, 4096), default=32, show_default=True)
+@click.option("--threads", type=click.IntRange(1, 1024), default=None, help="Numba threads [default: all cores].")
+@click.option("--peer", type=click.Choice(["llama.cpp", "none"]), default="llama.cpp", show_default=True,
+              help="Also measure llama.cpp (llama-cpp-python) on the same file in the same run, when installed.")
+@click.option("--no-compile-times", is_flag=True, help="Skip the cold/warm first-call measurements.")
+@click.option("--json", "as_json", is_flag=True, help="One JSON object on stdout.")
+@click.option("--markdown", "as_markdown", is_flag=True, help="A Markdown table on stdout (for the docs).")
+def bench(model_path, prompt_tokens, gen_tokens, threads, peer, no_compile_times, as_json, as_markdown):
+    """Measure load, compile, prefill, decode and traced decode speed and peak memory, beside llama.cpp."""
+    import os
+
+    from engine.gguf_file import open_gguf
+
+    from . import bench as B
+
+    open_gguf(model_path)  # a clear error for a bad file before anything is timed
+    threads = threads or os.cpu_count() or 1
+    with progress.status("benchmarking moe-workbench"):
+        result = B.bench_engine(model_path, prompt_tokens=prompt_tokens, gen_tokens=gen_tokens, threads=threads,
+                                compile_times=not no_compile_times,
+                                progress=lambda m: None if progress._quiet else click.echo(f"  {m}", err=True))
+    peer_result = None
+    if peer == "llama.cpp":
+        try:
+            import llama_cpp  # noqa: F401
+        except ImportError:
+            click.echo("llama-cpp-python is not installed (pip install '.[peers]'): no peer figures", err=True)
+        else:
+            with progress.status("benchmarking llama.cpp on the same file"):
+                peer_result = B.bench_llama_cpp(model_path, prompt_tokens=prompt_tokens, gen_tokens=gen_tokens,
+                                                threads=threads)
+    result = B.with_peer(result, peer_result)
+    if as_json:
+        click.echo(B.to_json(result))
+    else:
+        click.echo(B.markdown(result))
+
+
 from . import cli_runs  # noqa: E402,F401  (registers run, ls, show, diff, rm, label, reference)

@@ -134,9 +134,14 @@ def test_slow_path_types_multiply_in_bounded_chunks(qt, monkeypatch):
     rng = np.random.default_rng(5 + int(qt))
     cols = 4 * block_layout(qt)[0]
     monkeypatch.setattr(cpu, "SLOW_CHUNK_ELEMS", 3 * cols)  # 3 rows per chunk: 7 chunks for 20 rows
-    chunks = []
+    chunks = []  # rows per gguf-py call: never the whole tensor
     dequantize_chunk = cpu._dequantize_chunk
-    monkeypatch.setattr(cpu, "_dequantize_chunk", lambda q, r, c: chunks.append(r.shape[0]) or dequantize_chunk(q, r, c))
+
+    def recording(qtype, raw, cols):
+        chunks.append(raw.shape[0])
+        return dequantize_chunk(qtype, raw, cols)
+
+    monkeypatch.setattr(cpu, "_dequantize_chunk", recording)
     raw = random_weights(qt, (2, 20), cols, rng)
     w = oracle(qt, raw)
     x = rng.standard_normal((2, cols)).astype(np.float32)
@@ -176,8 +181,9 @@ def test_malformed_arguments_raise_value_error():
         K.matmul(QT.Q4_K, raw, x, np.empty((2, 5), np.float32))
     with pytest.raises(ValueError, match="out"):
         K.matvec(QT.Q4_K, raw, x[0], np.empty((4, 2), np.float32)[:, 0])  # strided: results would be lost
-    with pytest.raises(IndexError):
-        K.expert_matmul(QT.Q4_K, raw.reshape(2, 2, -1), np.array([[2]], np.int32), x[:1, None], np.empty((1, 1, 2), np.float32))
+    with pytest.raises(IndexError):  # expert 2 of 2
+        K.expert_matmul(QT.Q4_K, raw.reshape(2, 2, -1), np.array([[2]], np.int32), x[:1, None],
+                        np.empty((1, 1, 2), np.float32))
 
 
 @pytest.mark.parametrize("qt", (QT.Q4_K, QT.F16), ids=name)

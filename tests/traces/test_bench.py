@@ -1,0 +1,40 @@
+"""`trace bench` reports its fields (a shape test, not a timed test: speed is a command, not an assertion)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+KEYS = ("prefill_tok_s", "decode_tok_s", "decode_traced_tok_s", "load_s", "peak_rss_anon_mb", "compile_cold_s",
+        "compile_warm_s", "traced_over_untraced", "threads", "machine", "peer")
+
+
+@pytest.mark.slow
+def test_bench_json_has_its_fields(cli, tiny_path):
+    proc = cli("bench", tiny_path, "--prompt-tokens", "8", "--gen-tokens", "4", "--threads", "1", "--json",
+               "--peer", "none")
+    assert proc.returncode == 0, proc.stderr
+    out = json.loads(proc.stdout)
+    for key in KEYS:
+        assert key in out, key
+    for key in ("prefill_tok_s", "decode_tok_s", "decode_traced_tok_s", "load_s", "peak_rss_anon_mb",
+                "compile_cold_s", "compile_warm_s"):
+        assert isinstance(out[key], float) and out[key] > 0, key
+    assert out["threads"] == 1 and out["peer"] is None
+
+
+def test_bench_markdown_table(cli, tiny_path):
+    proc = cli("bench", tiny_path, "--prompt-tokens", "4", "--gen-tokens", "2", "--threads", "1", "--markdown",
+               "--peer", "none", "--no-compile-times")
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.strip().splitlines()
+    assert lines[0].startswith("`trace bench ")
+    assert any(line.startswith("| decode tok/s |") for line in lines)
+
+
+def test_bench_refuses_a_bad_file(cli, tmp_path):
+    bad = tmp_path / "x.gguf"
+    bad.write_bytes(b"nope")
+    proc = cli("bench", bad, "--peer", "none")
+    assert proc.returncode == 1 and proc.stderr.strip().startswith("error: ")

@@ -1,0 +1,231 @@
+"""`trace bench`: load, compile, prefill, decode and traced-decode speed, peak anonymous memory, and the
+same figures for llama.cpp (llama-cpp-python, extra `peers`) on the same file, threads and run.
+
+Every figure is measured here, now; the report quotes ratios to the peer because machines are shared
+and absolute times drift. Compile times are measured in child processes: `cold` with an empty Numba
+cache, `warm` with the cache the cold child filled.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+
+def rss_anon_mb() -> float:
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("RssAnon:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return float("nan")
+
+
+class PeakMemory:
+    """Samples this process's RssAnon every 10 ms while active."""
+
+    def __init__(self):
+        self.peak = 0.0
+        self._stop = threading.Event()
+        self._t = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self):
+        while not self._stop.wait(0.01):
+            self.peak = max(self.peak, rss_anon_mb())
+
+    def __enter__(self):
+        self.peak = rss_anon_mb()
+        self._t.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._t.join()
+        self.peak = max(self.peak, rss_anon_mb())
+
+
+@dataclass
+class BenchResult:
+    model: str
+    file_gb: float
+    threads: int
+    prompt_tokens: int
+    gen_tokens: int
+    load_s: float
+    compile_cold_s: float | None
+    compile_warm_s: float | None
+    prefill_tok_s: float
+    decode_tok_s: float
+    decode_traced_tok_s: float
+    traced_over_untraced: float
+    peak_rss_anon_mb: float
+    machine: str
+    peer: dict | None = None
+    ratios: dict = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+_FIRST_CALL = """
+import sys, time
+t0 = time.perf_counter()
+from engine.model import load_model
+from engine.forward import forward
+from engine.kv_cache import KVCache
+import numpy as np
+m = load_model(sys.argv[1], with_tokenizer=False)
+t1 = time.perf_counter()
+forward(m, np.array([1, 2, 3]), KVCache(m.config, 4))
+print(time.perf_counter() - t1)
+"""
+
+
+def first_call_seconds(path: str, cache_dir: str) -> float:
+    """Seconds of the first forward in a fresh process whose Numba cache is `cache_dir`."""
+    env = dict(os.environ, NUMBA_CACHE_DIR=cache_dir)
+    root = Path(__file__).resolve().parents[1]
+    out = subprocess.run([sys.executable, "-c", _FIRST_CALL, path], capture_output=True, text=True, env=env,
+                         cwd=root, timeout=1800)
+    if out.returncode != 0:
+        raise RuntimeError(out.stderr.strip().splitlines()[-1] if out.stderr.strip() else "child failed")
+    return float(out.stdout.strip().splitlines()[-1])
+
+
+def machine() -> str:
+    cpu = "?"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{cpu}, {os.cpu_count()} cores"
+
+
+def bench_engine(path: str, *, prompt_tokens: int, gen_tokens: int, threads: int, compile_times: bool = True,
+                 progress=None) -> BenchResult:
+    import numba
+
+    from engine.forward import forward
+    from engine.kv_cache import KVCache
+    from engine.model import load_model
+    from traces.recorder import TraceRecorder
+
+    numba.set_num_threads(threads)
+    cold = warm = None
+    if compile_times:
+        with tempfile.TemporaryDirectory() as cache:
+            if progress:
+                progress("compiling the kernels in a fresh process (cold cache)")
+            cold = first_call_seconds(path, cache)
+            warm = first_call_seconds(path, cache)
+    with PeakMemory() as mem:
+        t0 = time.perf_counter()
+        model = load_model(path, with_tokenizer=False)
+        load_s = time.perf_counter() - t0
+        vocab = model.config.vocab_size
+        rng = np.random.default_rng(0)
+        prompt = rng.integers(0, min(vocab, 30000), size=prompt_tokens)
+        forward(model, prompt[:4], KVCache(model.config, 8))  # compile (or load the cache) outside the timings
+        if progress:
+            progress(f"prefill of {prompt_tokens} tokens")
+        cache = KVCache(model.config, prompt_tokens + gen_tokens + 1)
+        t0 = time.perf_counter()
+        logits = forward(model, prompt, cache)
+        prefill = prompt_tokens / (time.perf_counter() - t0)
+
+        def decode(recorder=None) -> float:
+            c = KVCache(model.config, prompt_tokens + gen_tokens + 1)
+            lg = forward(model, prompt, c)
+            kwargs = {"recorder": recorder} if recorder is not None else {}
+            t = time.perf_counter()
+            for _ in range(gen_tokens):
+                lg = forward(model, np.array([int(np.argmax(lg[-1]))]), c, **kwargs)
+            return gen_tokens / (time.perf_counter() - t)
+
+        if progress:
+            progress(f"decode of {gen_tokens} tokens, untraced and traced")
+        dec = decode()
+        traced = decode(TraceRecorder(top_k=5))
+        del logits
+    return BenchResult(
+        model=Path(path).name, file_gb=round(Path(path).stat().st_size / 1e9, 3), threads=threads,
+        prompt_tokens=prompt_tokens, gen_tokens=gen_tokens, load_s=round(load_s, 3),
+        compile_cold_s=None if cold is None else round(cold, 2), compile_warm_s=None if warm is None else round(warm, 2),
+        prefill_tok_s=round(prefill, 2), decode_tok_s=round(dec, 2), decode_traced_tok_s=round(traced, 2),
+        traced_over_untraced=round(traced / dec, 3), peak_rss_anon_mb=round(mem.peak, 1), machine=machine())
+
+
+def bench_llama_cpp(path: str, *, prompt_tokens: int, gen_tokens: int, threads: int) -> dict:
+    """The same measurements with llama.cpp through llama-cpp-python."""
+    from llama_cpp import Llama
+
+    with PeakMemory() as mem:
+        t0 = time.perf_counter()
+        llm = Llama(model_path=path, n_threads=threads, n_threads_batch=threads, n_ctx=prompt_tokens + gen_tokens + 8,
+                    n_batch=max(prompt_tokens, 32), verbose=False)
+        load_s = time.perf_counter() - t0
+        rng = np.random.default_rng(0)
+        prompt = [int(t) for t in rng.integers(0, min(llm.n_vocab(), 30000), size=prompt_tokens)]
+        llm.eval(prompt[:4])
+        llm.reset()
+        t0 = time.perf_counter()
+        llm.eval(prompt)
+        prefill = prompt_tokens / (time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        for _ in range(gen_tokens):
+            tok = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+            llm.eval([tok])
+        decode = gen_tokens / (time.perf_counter() - t0)
+    import llama_cpp
+
+    return {"engine": f"llama.cpp (llama-cpp-python {llama_cpp.__version__})", "load_s": round(load_s, 3),
+            "prefill_tok_s": round(prefill, 2), "decode_tok_s": round(decode, 2), "peak_rss_anon_mb": round(mem.peak, 1)}
+
+
+def with_peer(result: BenchResult, peer: dict | None) -> BenchResult:
+    result.peer = peer
+    if peer:
+        result.ratios = {"prefill": round(result.prefill_tok_s / peer["prefill_tok_s"], 3),
+                         "decode": round(result.decode_tok_s / peer["decode_tok_s"], 3),
+                         "decode_traced": round(result.decode_traced_tok_s / peer["decode_tok_s"], 3)}
+    return result
+
+
+def markdown(r: BenchResult) -> str:
+    p = r.peer or {}
+
+    def cell(v):
+        return "—" if v is None else f"{v:g}" if isinstance(v, float) else str(v)
+
+    rows = [("load s", r.load_s, p.get("load_s")), ("first-call compile s, cold cache", r.compile_cold_s, None),
+            ("first-call compile s, warm cache", r.compile_warm_s, None),
+            (f"prefill tok/s ({r.prompt_tokens} tokens)", r.prefill_tok_s, p.get("prefill_tok_s")),
+            ("decode tok/s", r.decode_tok_s, p.get("decode_tok_s")),
+            ("traced decode tok/s", r.decode_traced_tok_s, None),
+            ("traced ÷ untraced decode", r.traced_over_untraced, None),
+            ("peak anonymous memory MB", r.peak_rss_anon_mb, p.get("peak_rss_anon_mb"))]
+    peer_name = p.get("engine", "llama.cpp (not installed: `pip install '.[peers]'`)")
+    out = [f"`trace bench {r.model}` — {r.file_gb} GB, {r.threads} threads, {r.machine}", "",
+           f"| figure | moe-workbench | {peer_name} | ratio |", "|---|---|---|---|"]
+    ratio = {"prefill": r.ratios.get("prefill"), "decode": r.ratios.get("decode")}
+    for name, ours, theirs in rows:
+        key = "prefill" if name.startswith("prefill") else "decode" if name == "decode tok/s" else None
+        out.append(f"| {name} | {cell(ours)} | {cell(theirs)} | {cell(ratio.get(key)) if key else ''} |")
+    return "\n".join(out)
+
+
+def to_json(r: BenchResult) -> str:
+    return json.dumps(r.to_dict(), indent=1)
