@@ -4,12 +4,21 @@ The file is memory-mapped read-only. A tensor is exposed as a read-only uint8 vi
 shaped (rows, row_bytes) for matrices and (experts, rows, row_bytes) for expert stacks, so kernels
 read the quantized bytes in place and the weights stay in the page cache.
 
-Parsing is gguf-py's `GGUFReader`; in front of it we check what it would otherwise turn into an
-IndexError, a reshape error or a hang (see shared/docs/robustness.md), and wrap what is left.
+Parsing is gguf-py's `GGUFReader`; in front of it `scan_header` walks the whole header once with
+`struct` over a read-only map and checks what gguf-py would otherwise turn into an IndexError, a
+reshape error, a silently short string, a recursion error or a hang (see shared/docs/robustness.md):
+magic, version and byte order; n_kv and n_tensors against the file size; every key, string and array
+length against the bytes left; value types; array nesting; general.alignment; per tensor: the name,
+n_dims in 1..4, every dimension in 1..2^63-1, the element count below 2^63, a known type id, a row
+length that is a whole number of blocks, an aligned offset, data inside the file and disjoint from
+every other tensor's, and no duplicate names. Every failure is a GGUFFormatError (an unknown tensor
+type id: UnsupportedTypeError) whose one-line message names the field and the value; whatever
+gguf-py still raises afterwards is wrapped the same way.
 """
 
 from __future__ import annotations
 
+import mmap
 import os
 import struct
 from dataclasses import dataclass
@@ -22,6 +31,21 @@ from .quants import block_layout, type_name
 
 GGUF_MAGIC = b"GGUF"
 SUPPORTED_VERSIONS = (2, 3)
+MAX_DIMS = 4  # ggml's GGML_MAX_DIMS
+MAX_ARRAY_NESTING = 2  # an array of arrays at most (ggml reads none; gguf-py flattens them)
+DEFAULT_ALIGNMENT = 32
+INT64_MAX = 2**63 - 1
+
+# GGUFValueType ids -> (name, struct format of a scalar or None)
+_VALUE_TYPES = {
+    0: ("UINT8", "B"), 1: ("INT8", "b"), 2: ("UINT16", "H"), 3: ("INT16", "h"), 4: ("UINT32", "I"),
+    5: ("INT32", "i"), 6: ("FLOAT32", "f"), 7: ("BOOL", "B"), 8: ("STRING", None), 9: ("ARRAY", None),
+    10: ("UINT64", "Q"), 11: ("INT64", "q"), 12: ("FLOAT64", "d"),
+}
+_STRING, _ARRAY, _UINT32 = 8, 9, 4
+_SCALAR_SIZE = {t: struct.calcsize("<" + f) for t, (_, f) in _VALUE_TYPES.items() if f}
+_MIN_KV_BYTES = 8 + 4 + 1  # key length, value type, the smallest value
+_MIN_TENSOR_INFO_BYTES = 8 + 4 + 8 + 4 + 8  # name length, n_dims, one dim, type, offset
 
 
 @dataclass(frozen=True)
@@ -51,7 +75,106 @@ class GGUFFile:
     tensors: dict[str, TensorInfo]
 
 
+@dataclass(frozen=True)
+class TensorEntry:
+    """A tensor as the header describes it, checked: GGUF-order dims, type, offset into the data section."""
+
+    name: str
+    dims: tuple[int, ...]  # GGUF order: dims[0] is the row length
+    qtype: int
+    offset: int  # relative to the data section
+    n_bytes: int
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(reversed(self.dims))
+
+
+@dataclass(frozen=True)
+class Header:
+    size: int
+    version: int
+    n_kv: int
+    alignment: int
+    data_start: int  # absolute offset of the (aligned) data section
+    tensors: tuple[TensorEntry, ...]
+
+
+def _short(text, limit: int = 80) -> str:
+    """A name from the file, quoted for a one-line message (repr escapes newlines), cut at `limit`."""
+    r = repr(text)
+    return r if len(r) <= limit else r[: limit - 4] + "...'"
+
+
+class _Cursor:
+    """Reads little-endian fields from the mapped header; every read is checked against the file size."""
+
+    def __init__(self, buf, size: int, path: Path):
+        self.buf, self.size, self.path, self.pos = buf, size, path, 0
+
+    def fail(self, msg: str, error: type[Exception] = GGUFFormatError):
+        return error(f"{self.path}: {msg}")
+
+    def need(self, n: int, what: str) -> None:
+        if n > self.size - self.pos:
+            raise self.fail(f"{what} at offset {self.pos} runs past the end of the file ({self.size} bytes)")
+
+    def unpack(self, fmt: str, what: str):
+        n = struct.calcsize(fmt)
+        self.need(n, what)
+        value = struct.unpack_from(fmt, self.buf, self.pos)
+        self.pos += n
+        return value[0] if len(value) == 1 else value
+
+    def u32(self, what: str) -> int:
+        return self.unpack("<I", what)
+
+    def u64(self, what: str) -> int:
+        return self.unpack("<Q", what)
+
+    def string(self, what: str) -> bytes:
+        n = self.u64(f"{what} length")
+        if n > self.size - self.pos:
+            raise self.fail(f"{what} length {n} at offset {self.pos - 8} runs past the end of the file ({self.size} bytes)")
+        data = bytes(self.buf[self.pos:self.pos + n])
+        self.pos += n
+        return data
+
+    def skip_value(self, vtype: int, what: str, depth: int = 0) -> None:
+        """Step over one value of type `vtype` (arrays: in O(1) for scalar elements, bounded by the file)."""
+        if vtype in _SCALAR_SIZE:
+            self.need(_SCALAR_SIZE[vtype], f"{what}: {_VALUE_TYPES[vtype][0]} value")
+            self.pos += _SCALAR_SIZE[vtype]
+        elif vtype == _STRING:
+            n = self.u64(f"{what}: string length")
+            if n > self.size - self.pos:
+                raise self.fail(f"{what}: string length {n} at offset {self.pos - 8} runs past the end of the file "
+                                f"({self.size} bytes)")
+            self.pos += n
+        elif vtype == _ARRAY:
+            if depth >= MAX_ARRAY_NESTING:
+                raise self.fail(f"{what}: arrays nested more than {MAX_ARRAY_NESTING} deep at offset {self.pos}")
+            start = self.pos
+            sub = self.u32(f"{what}: array element type")
+            n = self.u64(f"{what}: array length")
+            if sub not in _VALUE_TYPES:
+                raise self.fail(f"{what}: array element type {sub} is not a GGUF value type")
+            left = self.size - self.pos
+            least = _SCALAR_SIZE.get(sub, 8 if sub == _STRING else 12)  # bytes per element, at least
+            if n > left // least:
+                raise self.fail(f"{what}: array of {n} {_VALUE_TYPES[sub][0]} at offset {start} runs past the end "
+                                f"of the file ({self.size} bytes)")
+            if sub in _SCALAR_SIZE:
+                self.pos += n * least
+            else:
+                for _ in range(n):
+                    self.skip_value(sub, what, depth + 1)
+        else:
+            raise self.fail(f"{what}: value type {vtype} at offset {self.pos - 4} is not a GGUF value type")
+
+
 def _check_header(path: Path) -> tuple[int, int]:
+    """The fixed 24-byte header: file kind, magic, version, byte order and counts; returns (size, version)."""
     if not path.exists():
         raise GGUFFormatError(f"{path}: no such file")
     if not path.is_file():
@@ -64,18 +187,113 @@ def _check_header(path: Path) -> tuple[int, int]:
     magic = head[:4]
     if magic != GGUF_MAGIC:
         if magic == b"FUGG":
-            raise GGUFFormatError(f"{path}: big-endian GGUF files are not supported")
+            raise GGUFFormatError(f"{path}: big-endian GGUF files are not supported (magic b'FUGG')")
         raise GGUFFormatError(f"{path}: not a GGUF file (magic {magic!r}, expected b'GGUF')")
     (version,) = struct.unpack("<I", head[4:8])
     if version not in SUPPORTED_VERSIONS:
+        swapped = struct.unpack(">I", head[4:8])[0]
+        if version & 0xFFFF == 0 and swapped in SUPPORTED_VERSIONS:
+            raise GGUFFormatError(f"{path}: big-endian GGUF files are not supported (version {swapped}, byte-swapped)")
         raise GGUFFormatError(f"{path}: GGUF version {version} is not supported (2 or 3)")
     n_tensors, n_kv = struct.unpack("<QQ", head[8:24])
-    # every tensor info takes at least 8 + 1 + 4 + 8 + 4 + 8 bytes, every kv at least 8 + 1 + 4 + 1
-    if n_tensors > size // 33:
+    left = size - 24
+    if n_tensors > left // _MIN_TENSOR_INFO_BYTES:
         raise GGUFFormatError(f"{path}: header says n_tensors = {n_tensors}, impossible in {size} bytes")
-    if n_kv > size // 14:
+    if n_kv > left // _MIN_KV_BYTES:
         raise GGUFFormatError(f"{path}: header says n_kv = {n_kv}, impossible in {size} bytes")
     return size, version
+
+
+def scan_header(path: str | os.PathLike) -> Header:
+    """Walk and check the whole header (see the module doc) without building any value; O(header) time,
+    O(1) memory beyond the tensor list. Raises GGUFFormatError / UnsupportedTypeError, one line each."""
+    path = Path(path)
+    size, version = _check_header(path)
+    with path.open("rb") as fh, mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as buf:
+        return _scan(buf, size, version, path)
+
+
+def _scan(buf, size: int, version: int, path: Path) -> Header:
+    from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+
+    cur = _Cursor(buf, size, path)
+    cur.pos = 8
+    n_tensors, n_kv = cur.unpack("<QQ", "counts")
+    alignment = DEFAULT_ALIGNMENT
+    keys: dict[str, int] = {}
+    for i in range(n_kv):
+        raw_key = cur.string(f"kv {i}: key")
+        try:
+            key = raw_key.decode("utf-8")
+        except UnicodeDecodeError:
+            raise cur.fail(f"kv {i}: key {_short(raw_key)} is not valid UTF-8") from None
+        what = f"kv {i} {_short(key)}"
+        if key in keys:
+            raise cur.fail(f"duplicate key {_short(key)} (kv {keys[key]} and kv {i})")
+        keys[key] = i
+        vtype = cur.u32(f"{what}: value type")
+        if vtype not in _VALUE_TYPES:
+            raise cur.fail(f"{what}: value type {vtype} at offset {cur.pos - 4} is not a GGUF value type")
+        value_at = cur.pos
+        cur.skip_value(vtype, what)
+        if key == "general.alignment":
+            if vtype != _UINT32:
+                raise cur.fail(f"general.alignment has type {_VALUE_TYPES[vtype][0]}, expected UINT32")
+            (alignment,) = struct.unpack_from("<I", buf, value_at)
+            if alignment == 0 or alignment & (alignment - 1):
+                raise cur.fail(f"general.alignment {alignment} is not a power of two")
+
+    entries: list[TensorEntry] = []
+    names: dict[str, int] = {}
+    for i in range(n_tensors):
+        raw_name = cur.string(f"tensor {i}: name")
+        try:
+            name = raw_name.decode("utf-8")
+        except UnicodeDecodeError:
+            raise cur.fail(f"tensor {i}: name {_short(raw_name)} is not valid UTF-8") from None
+        what = f"tensor {i} {_short(name)}"
+        if name in names:
+            raise cur.fail(f"duplicate tensor name {_short(name)} (tensors {names[name]} and {i})")
+        names[name] = i
+        n_dims = cur.u32(f"{what}: n_dims")
+        if not 1 <= n_dims <= MAX_DIMS:
+            raise cur.fail(f"{what}: n_dims {n_dims} is not in 1..{MAX_DIMS}")
+        dims = cur.unpack(f"<{n_dims}Q", f"{what}: dims")
+        dims = (dims,) if isinstance(dims, int) else tuple(dims)
+        n_elems = 1
+        for j, d in enumerate(dims):
+            if d == 0:
+                raise cur.fail(f"{what}: dimension {j} is 0 (dims {list(dims)})")
+            if d > INT64_MAX:
+                raise cur.fail(f"{what}: dimension {j} is {d}, negative as int64")
+            n_elems *= d
+        if n_elems > INT64_MAX:
+            raise cur.fail(f"{what}: dims {list(dims)} make {n_elems} elements, which overflows int64")
+        qtype = cur.u32(f"{what}: type id")
+        try:
+            block_elems, block_bytes = GGML_QUANT_SIZES[GGMLQuantizationType(qtype)]
+        except (ValueError, KeyError):
+            raise cur.fail(f"{what}: unknown tensor type id {qtype}", UnsupportedTypeError) from None
+        if dims[0] % block_elems:
+            raise cur.fail(f"{what}: row length {dims[0]} is not a multiple of the {type_name(qtype)} "
+                           f"block size {block_elems}")
+        offset = cur.u64(f"{what}: data offset")
+        if offset % alignment:
+            raise cur.fail(f"{what}: data offset {offset} is not a multiple of the alignment {alignment}")
+        entries.append(TensorEntry(name, dims, qtype, offset, n_elems // block_elems * block_bytes))
+
+    data_start = -(-cur.pos // alignment) * alignment
+    for t in entries:
+        if data_start + t.offset + t.n_bytes > size:
+            raise cur.fail(f"tensor {_short(t.name)}: {t.n_bytes} bytes of data at offset {t.offset} (file offset "
+                           f"{data_start + t.offset}) run past the end of the file ({size} bytes)")
+    ordered = sorted(entries, key=lambda t: t.offset)
+    for prev, t in zip(ordered, ordered[1:]):
+        if t.offset < prev.offset + prev.n_bytes:
+            raise cur.fail(f"tensor {_short(t.name)} data [{t.offset}, {t.offset + t.n_bytes}) overlaps tensor "
+                           f"{_short(prev.name)} [{prev.offset}, {prev.offset + prev.n_bytes})")
+    return Header(size=size, version=version, n_kv=n_kv, alignment=alignment, data_start=data_start,
+                  tensors=tuple(entries))
 
 
 def _field_value(field):
@@ -93,39 +311,37 @@ def open_gguf(path: str | os.PathLike) -> GGUFFile:
     from gguf import GGUFReader
 
     path = Path(path)
-    size, version = _check_header(path)
+    header = scan_header(path)
     try:
         reader = GGUFReader(path, "r")
-    except (ValueError, IndexError, OverflowError, struct.error, KeyError) as exc:
-        raise GGUFFormatError(f"{path}: malformed GGUF ({type(exc).__name__}: {exc})") from None
+    except Exception as exc:  # the scan passed, so this is a fault the scan does not know: still the file's
+        raise GGUFFormatError(f"{path}: malformed GGUF ({type(exc).__name__}: {_one_line(exc)})") from None
+    if int(reader.data_offset) != header.data_start:
+        raise GGUFFormatError(f"{path}: data section starts at {reader.data_offset}, the header implies "
+                              f"{header.data_start}")
     metadata = {}
     for key, field in reader.fields.items():
         if key.startswith("GGUF."):
             continue
-        metadata[key] = _field_value(field)
+        try:
+            metadata[key] = _field_value(field)
+        except UnicodeDecodeError as exc:
+            raise GGUFFormatError(f"{path}: kv {_short(key)}: a string is not valid UTF-8 ({exc.reason} at byte "
+                                  f"{exc.start})") from None
+        except Exception as exc:
+            raise GGUFFormatError(f"{path}: kv {_short(key)}: unreadable value ({type(exc).__name__}: "
+                                  f"{_one_line(exc)})") from None
     data = reader.data
     tensors: dict[str, TensorInfo] = {}
-    for t in reader.tensors:
-        qtype = int(t.tensor_type)
-        shape = tuple(int(d) for d in reversed(t.shape.tolist()))
-        if any(d <= 0 for d in shape):
-            raise GGUFFormatError(f"{path}: tensor {t.name} has a non-positive dimension {shape}")
-        try:
-            elems, nbytes = block_layout(qtype)
-        except (KeyError, ValueError):
-            raise UnsupportedTypeError(f"{path}: tensor {t.name} has unknown type id {qtype}") from None
-        if shape[-1] % elems:
-            raise GGUFFormatError(
-                f"{path}: tensor {t.name} row length {shape[-1]} is not a multiple of the "
-                f"{type_name(qtype)} block size {elems}"
-            )
-        row_bytes = shape[-1] // elems * nbytes
-        total = int(np.prod(shape[:-1], dtype=np.int64)) * row_bytes
-        start = int(t.data_offset)
-        if start < 0 or start + total > size:
-            raise GGUFFormatError(
-                f"{path}: tensor {t.name} data [{start}, {start + total}) lies past the end of the file ({size} bytes)"
-            )
-        raw = data[start : start + total].reshape(shape[:-1] + (row_bytes,))
-        tensors[t.name] = TensorInfo(t.name, qtype, shape, raw)
-    return GGUFFile(path=path, size=size, version=version, metadata=metadata, tensors=tensors)
+    for t in header.tensors:
+        elems, nbytes = block_layout(t.qtype)
+        row_bytes = t.dims[0] // elems * nbytes
+        start = header.data_start + t.offset
+        raw = data[start : start + t.n_bytes].reshape(t.shape[:-1] + (row_bytes,))
+        tensors[t.name] = TensorInfo(t.name, t.qtype, t.shape, raw)
+    return GGUFFile(path=path, size=header.size, version=header.version, metadata=metadata, tensors=tensors)
+
+
+def _one_line(exc: Exception, limit: int = 200) -> str:
+    text = " ".join(str(exc).split())
+    return text if len(text) <= limit else text[: limit - 3] + "..."
