@@ -51,7 +51,7 @@ class Generation:
 def first_non_finite(model: Model, tokens: Sequence[int], knobs: Knobs) -> str:
     """Re-run the sequence through the one forward with a recorder that finds the first NaN/Inf slot."""
     rec = FirstNonFinite()
-    forward(model, np.asarray(tokens, dtype=np.int64), KVCache(model.config, len(tokens)), knobs=knobs, recorder=rec)
+    forward(model, np.asarray(tokens, dtype=np.int64), KVCache.for_model(model, len(tokens)), knobs=knobs, recorder=rec)
     return rec.describe()
 
 
@@ -82,7 +82,7 @@ def generate(
     if budget <= 0:
         res.finish = "max_tokens"
         return
-    cache = KVCache(model.config, capacity=len(ids) + budget)
+    cache = KVCache.for_model(model, capacity=len(ids) + budget)
     history = list(res.prompt_ids)
     t0 = time.perf_counter()
     logits = forward(model, ids, cache, knobs=knobs, recorder=recorder)[-1]

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .backend import CPU, create_backend
 from .config import ModelConfig, config_from_metadata
 from .errors import ModelValidationError, UnsupportedTypeError
 from .gguf_file import GGUFFile, TensorInfo, open_gguf
@@ -78,6 +79,7 @@ class Model:
     tokenizer: object | None  # engine.tokenizer.Tokenizer, or None when the file has no tokenizer
     file_size: int
     tensor_types: dict[str, str] = field(default_factory=dict)
+    backend: object = CPU  # engine.backend: where the forward runs (CPU, or a CudaBackend holding device weights)
 
     @property
     def name(self) -> str:
@@ -108,8 +110,13 @@ def _expect(f: GGUFFile, name: str, shape: tuple[int, ...]) -> TensorInfo:
     return t
 
 
-def load_model(path: str | os.PathLike, *, with_tokenizer: bool = True) -> Model:
-    """Open, validate and map a qwen3_moe GGUF file."""
+def load_model(path: str | os.PathLike, *, with_tokenizer: bool = True, backend: str = "cpu",
+               progress=None) -> Model:
+    """Open, validate and map a qwen3_moe GGUF file, to run on `backend` ('cpu' or 'cuda').
+
+    With 'cuda' the quantized blocks are copied to the GPU once, as they are in the file;
+    progress(done_bytes, total_bytes) follows the copy. BackendUnavailable when the backend cannot run here.
+    """
     f = open_gguf(path)
     md = f.metadata
     if md.get("general.architecture") != "qwen3moe":
@@ -164,8 +171,10 @@ def load_model(path: str | os.PathLike, *, with_tokenizer: bool = True) -> Model
             )
         tokenizer = Tokenizer.from_data(data)
     embd = QTensor.from_info(token_embd)
-    return Model(
+    model = Model(
         path=f.path, config=cfg, metadata=md, token_embd=embd,
         output_norm=_small_f32(output_norm), output=embd if tied else QTensor.from_info(output), layers=layers,
         tokenizer=tokenizer, file_size=f.size, tensor_types={n: t.type_name for n, t in f.tensors.items()},
     )
+    model.backend = create_backend(backend, model, progress)
+    return model

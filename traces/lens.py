@@ -27,7 +27,8 @@ class LensRow:
 
 def logit_lens(model: Model, outputs: np.ndarray, answer_id: int) -> list[LensRow]:
     """outputs: float32 (L, H), each layer's output at one position; answer_id: the final top-1 token."""
-    logits = lm_head(model, final_norm(model, np.ascontiguousarray(outputs, dtype=np.float32)))  # (L, V)
+    be = model.backend
+    logits = be.to_host(lm_head(model, final_norm(model, be.from_host(outputs))))  # (L, V)
     rows = []
     for layer, row in enumerate(logits.astype(np.float64)):
         p = np.exp(row - row.max())

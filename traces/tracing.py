@@ -19,7 +19,7 @@ def trace_tokens(model: Model, tokens: Sequence[int], *, knobs: Knobs = Knobs(),
     """Run the prompt through the forward once, recording every slot at every position."""
     ids = check_tokens(model, tokens)
     rec = TraceRecorder(capture_vectors=capture_vectors, all_logits=all_logits, top_k=top_k)
-    forward(model, ids, KVCache(model.config, capacity=len(ids)), knobs=knobs, recorder=rec)
+    forward(model, ids, KVCache.for_model(model, capacity=len(ids)), knobs=knobs, recorder=rec)
     return rec
 
 
