@@ -10,7 +10,7 @@ STAMP := $(dir $(PY)).installed-dev
 APP_STAMP := $(dir $(PY)).installed-app
 PORT ?= 8501
 
-.PHONY: test app setup browser clean
+.PHONY: test app setup browser clean bench bench-full peers
 
 $(PY):
 	python3 -m venv .venv
@@ -41,3 +41,24 @@ app: $(APP_STAMP)
 
 clean:
 	rm -rf .venv .pytest_cache test-artifacts
+
+# Benchmarks are commands, not tests. They write the tables of README.md and docs/PERFORMANCE.md.
+BENCH_DIR ?= $(or $(TMPDIR),/tmp)/moe-workbench-bench
+THREADS ?= 2
+BENCH = $(PY) -m traces bench --threads $(THREADS) --peer llama.cpp
+
+# llama-cpp-python builds llama.cpp from source (several minutes on two cores).
+peers: $(STAMP)
+	@$(PY) -c "import llama_cpp" 2>/dev/null || $(PY) -m pip install -e '.[peers]'
+
+bench: $(STAMP) peers
+	@mkdir -p $(BENCH_DIR)
+	@test -f $(BENCH_DIR)/bench-4l.gguf || $(PY) -m traces synth --shape qwen3-30b-a3b --layers 4 -o $(BENCH_DIR)/bench-4l.gguf
+	$(BENCH) $(BENCH_DIR)/bench-4l.gguf --prompt-tokens 128 --gen-tokens 32 --section cpu --update README.md --update docs/PERFORMANCE.md
+	$(BENCH) workbench/models/stdlib-coder-q8_0.gguf --prompt-tokens 128 --gen-tokens 64 --section embedded --update docs/PERFORMANCE.md
+
+# The 48-layer file is about 17 GB; it is written once under BENCH_DIR and never committed.
+bench-full: $(STAMP) peers
+	@mkdir -p $(BENCH_DIR)
+	@test -f $(BENCH_DIR)/full-48l.gguf || $(PY) -m traces synth --shape qwen3-30b-a3b --layers 48 -o $(BENCH_DIR)/full-48l.gguf
+	$(BENCH) $(BENCH_DIR)/full-48l.gguf --prompt-tokens 32 --gen-tokens 8 --no-compile-times --section full48 --update docs/PERFORMANCE.md

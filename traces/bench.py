@@ -20,6 +20,8 @@ from pathlib import Path
 
 import numpy as np
 
+from engine.errors import InputError
+
 
 def rss_anon_mb() -> float:
     try:
@@ -64,6 +66,7 @@ class BenchResult:
     load_s: float
     compile_cold_s: float | None
     compile_warm_s: float | None
+    start_to_first_token_warm_s: float | None
     prefill_tok_s: float
     decode_tok_s: float
     decode_traced_tok_s: float
@@ -79,7 +82,7 @@ class BenchResult:
 
 _FIRST_CALL = """
 import sys, time
-t0 = time.perf_counter()
+t0 = time.perf_counter()  # after the interpreter started: imports, load, first forward
 from engine.model import load_model
 from engine.forward import forward
 from engine.kv_cache import KVCache
@@ -87,19 +90,22 @@ import numpy as np
 m = load_model(sys.argv[1], with_tokenizer=False)
 t1 = time.perf_counter()
 forward(m, np.array([1, 2, 3]), KVCache(m.config, 4))
-print(time.perf_counter() - t1)
+t2 = time.perf_counter()
+print(t2 - t1, t2 - t0)
 """
 
 
-def first_call_seconds(path: str, cache_dir: str) -> float:
-    """Seconds of the first forward in a fresh process whose Numba cache is `cache_dir`."""
+def first_call_seconds(path: str, cache_dir: str) -> tuple[float, float]:
+    """(first forward, imports + load + first forward) in seconds, in a fresh process whose Numba cache is
+    `cache_dir`."""
     env = dict(os.environ, NUMBA_CACHE_DIR=cache_dir)
     root = Path(__file__).resolve().parents[1]
     out = subprocess.run([sys.executable, "-c", _FIRST_CALL, path], capture_output=True, text=True, env=env,
                          cwd=root, timeout=1800)
     if out.returncode != 0:
         raise RuntimeError(out.stderr.strip().splitlines()[-1] if out.stderr.strip() else "child failed")
-    return float(out.stdout.strip().splitlines()[-1])
+    first, total = out.stdout.strip().splitlines()[-1].split()
+    return float(first), float(total)
 
 
 def machine() -> str:
@@ -124,13 +130,15 @@ def bench_engine(path: str, *, prompt_tokens: int, gen_tokens: int, threads: int
     from traces.recorder import TraceRecorder
 
     numba.set_num_threads(threads)
-    cold = warm = None
+    cold = warm = start = None
     if compile_times:
         with tempfile.TemporaryDirectory() as cache:
             if progress:
                 progress("compiling the kernels in a fresh process (cold cache)")
-            cold = first_call_seconds(path, cache)
-            warm = first_call_seconds(path, cache)
+            cold, _ = first_call_seconds(path, cache)
+            if progress:
+                progress("first forward in a fresh process (warm cache)")
+            warm, start = first_call_seconds(path, cache)
     with PeakMemory() as mem:
         t0 = time.perf_counter()
         model = load_model(path, with_tokenizer=False)
@@ -164,6 +172,7 @@ def bench_engine(path: str, *, prompt_tokens: int, gen_tokens: int, threads: int
         model=Path(path).name, file_gb=round(Path(path).stat().st_size / 1e9, 3), threads=threads,
         prompt_tokens=prompt_tokens, gen_tokens=gen_tokens, load_s=round(load_s, 3),
         compile_cold_s=None if cold is None else round(cold, 2), compile_warm_s=None if warm is None else round(warm, 2),
+        start_to_first_token_warm_s=None if start is None else round(start, 2),
         prefill_tok_s=round(prefill, 2), decode_tok_s=round(dec, 2), decode_traced_tok_s=round(traced, 2),
         traced_over_untraced=round(traced / dec, 3), peak_rss_anon_mb=round(mem.peak, 1), machine=machine())
 
@@ -212,6 +221,7 @@ def markdown(r: BenchResult) -> str:
 
     rows = [("load s", r.load_s, p.get("load_s")), ("first-call compile s, cold cache", r.compile_cold_s, None),
             ("first-call compile s, warm cache", r.compile_warm_s, None),
+            ("start to first token s, warm cache (imports, load, first forward)", r.start_to_first_token_warm_s, None),
             (f"prefill tok/s ({r.prompt_tokens} tokens)", r.prefill_tok_s, p.get("prefill_tok_s")),
             ("decode tok/s", r.decode_tok_s, p.get("decode_tok_s")),
             ("traced decode tok/s", r.decode_traced_tok_s, None),
@@ -225,6 +235,33 @@ def markdown(r: BenchResult) -> str:
         key = "prefill" if name.startswith("prefill") else "decode" if name == "decode tok/s" else None
         out.append(f"| {name} | {cell(ours)} | {cell(theirs)} | {cell(ratio.get(key)) if key else ''} |")
     return "\n".join(out)
+
+
+BEGIN = "<!-- trace bench {name}: begin -->"
+END = "<!-- trace bench {name}: end -->"
+
+
+def _section(doc: Path, name: str) -> tuple[str, int, int]:
+    text = doc.read_text()
+    begin, end = BEGIN.format(name=name), END.format(name=name)
+    i, j = text.find(begin), text.find(end)
+    if i < 0 or j < i:
+        raise InputError(f"{doc} has no section marked '{begin}' ... '{end}'")
+    return text, i + len(begin), j
+
+
+def check_section(doc: Path, name: str) -> None:
+    _section(doc, name)
+
+
+def update_section(doc: Path, name: str, table: str) -> None:
+    """Replace the text between the markers `<!-- trace bench NAME: begin -->` and `... end -->` in `doc`
+    (written atomically). The docs' tables are generated here, never typed."""
+    text, i, j = _section(doc, name)
+    new = text[:i] + "\n" + table.strip() + "\n" + text[j:]
+    tmp = doc.with_name(doc.name + ".tmp")
+    tmp.write_text(new)
+    os.replace(tmp, doc)
 
 
 def to_json(r: BenchResult) -> str:

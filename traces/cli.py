@@ -79,21 +79,33 @@ def load(model_path: str):
         return load_model(model_path)
 
 
-def prompt_tokens(model, prompt, tokens, chat, template, system, *, default_prompt=None):
+def check_prompt_options(prompt, tokens, chat, *, default_prompt=None) -> list[int] | None:
+    """What can be checked before the model is loaded (a large file takes a while): the --prompt/--tokens
+    combination and the syntax of --tokens. Returns the parsed ids, or None for a prompt."""
     from engine.errors import InputError
-    from engine.session import encode_prompt, parse_token_list
+    from engine.session import parse_token_list
 
     if prompt is not None and tokens is not None:
         raise InputError("give --prompt or --tokens, not both")
     if tokens is not None:
         if chat:
             raise InputError("--chat needs --prompt, not --tokens")
-        return None, parse_token_list(tokens)
-    if prompt is None:
-        if default_prompt is None:
-            raise InputError("give --prompt or --tokens")
-        prompt = default_prompt
-    return prompt, encode_prompt(model, prompt, chat=chat, template=template, system=system)
+        return parse_token_list(tokens)
+    if prompt is None and default_prompt is None:
+        raise InputError("give --prompt or --tokens")
+    return None
+
+
+def prompt_tokens(model, prompt, tokens, chat, template, system, *, default_prompt=None):
+    """(prompt text or None, token ids), the ids checked against the model's vocabulary and context."""
+    from engine.session import check_tokens, encode_prompt
+
+    ids = check_prompt_options(prompt, tokens, chat, default_prompt=default_prompt)
+    if ids is None:
+        prompt = default_prompt if prompt is None else prompt
+        ids = encode_prompt(model, prompt, chat=chat, template=template, system=system)
+    check_tokens(model, ids)  # before any "tracing"/"prefill" progress line and before the kernels load
+    return prompt if tokens is None else None, ids
 
 
 def write_output(text: str, output: str) -> None:
@@ -135,6 +147,7 @@ def export(source, prompt, tokens, chat, system, no_qk_norm, rope_theta, no_norm
             raise InputError("a stored run is exported as it was traced: drop the prompt, tokens and knob options")
         return export_run(source, store_dir, top_k, output)
     knobs = make_knobs(no_qk_norm, rope_theta, no_norm_topk_prob, template)
+    check_prompt_options(prompt, tokens, chat, default_prompt="What is 2+2?")
     model = load(source)
     text, ids = prompt_tokens(model, prompt, tokens, chat, template, system, default_prompt="What is 2+2?")
     with progress.status(f"tracing {len(ids)} tokens (the first run compiles the kernels)"):
@@ -173,6 +186,7 @@ def generate(model_path, prompt, tokens, chat, system, no_qk_norm, rope_theta, n
                             repeat_penalty=repeat_penalty, repeat_last_n=repeat_last_n, seed=seed,
                             max_tokens=max_tokens, stop=tuple(stop))
     knobs = make_knobs(no_qk_norm, rope_theta, no_norm_topk_prob, template)
+    check_prompt_options(prompt, tokens, chat)
     model = load(model_path)
     _, ids = prompt_tokens(model, prompt, tokens, chat, template, system)
     tok = model.tokenizer
@@ -240,7 +254,12 @@ def synth(shape, layers, qtype, seed, output):
 @click.option("--no-compile-times", is_flag=True, help="Skip the cold/warm first-call measurements.")
 @click.option("--json", "as_json", is_flag=True, help="One JSON object on stdout.")
 @click.option("--markdown", "as_markdown", is_flag=True, help="A Markdown table on stdout (for the docs).")
-def bench(model_path, prompt_tokens, gen_tokens, threads, peer, no_compile_times, as_json, as_markdown):
+@click.option("--update", "update_docs", type=click.Path(exists=True, dir_okay=False, path_type=Path), multiple=True,
+              help="Also write the table into this Markdown file, between the markers "
+                   "'<!-- trace bench NAME: begin -->' and '<!-- trace bench NAME: end -->' (repeatable).")
+@click.option("--section", default="cpu", show_default=True, help="NAME of the marked section --update replaces.")
+def bench(model_path, prompt_tokens, gen_tokens, threads, peer, no_compile_times, as_json, as_markdown, update_docs,
+          section):
     """Measure load, compile, prefill, decode and traced decode speed and peak memory, beside llama.cpp."""
     import os
 
@@ -249,6 +268,8 @@ def bench(model_path, prompt_tokens, gen_tokens, threads, peer, no_compile_times
     from . import bench as B
 
     open_gguf(model_path)  # a clear error for a bad file before anything is timed
+    for doc in update_docs:
+        B.check_section(doc, section)
     threads = threads or os.cpu_count() or 1
     with progress.status("benchmarking moe-workbench"):
         result = B.bench_engine(model_path, prompt_tokens=prompt_tokens, gen_tokens=gen_tokens, threads=threads,
@@ -265,10 +286,11 @@ def bench(model_path, prompt_tokens, gen_tokens, threads, peer, no_compile_times
                 peer_result = B.bench_llama_cpp(model_path, prompt_tokens=prompt_tokens, gen_tokens=gen_tokens,
                                                 threads=threads)
     result = B.with_peer(result, peer_result)
-    if as_json:
-        click.echo(B.to_json(result))
-    else:
-        click.echo(B.markdown(result))
+    table = B.markdown(result)
+    for doc in update_docs:
+        B.update_section(doc, section, table)
+        click.echo(f"updated {doc}", err=True)
+    click.echo(B.to_json(result) if as_json else table)
 
 
 from . import cli_runs  # noqa: E402,F401  (registers run, ls, show, diff, rm, label, reference)

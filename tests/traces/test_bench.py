@@ -7,7 +7,7 @@ import json
 import pytest
 
 KEYS = ("prefill_tok_s", "decode_tok_s", "decode_traced_tok_s", "load_s", "peak_rss_anon_mb", "compile_cold_s",
-        "compile_warm_s", "traced_over_untraced", "threads", "machine", "peer")
+        "compile_warm_s", "start_to_first_token_warm_s", "traced_over_untraced", "threads", "machine", "peer")
 
 
 @pytest.mark.slow
@@ -19,7 +19,7 @@ def test_bench_json_has_its_fields(cli, tiny_path):
     for key in KEYS:
         assert key in out, key
     for key in ("prefill_tok_s", "decode_tok_s", "decode_traced_tok_s", "load_s", "peak_rss_anon_mb",
-                "compile_cold_s", "compile_warm_s"):
+                "compile_cold_s", "compile_warm_s", "start_to_first_token_warm_s"):
         assert isinstance(out[key], float) and out[key] > 0, key
     assert out["threads"] == 1 and out["peer"] is None
 
@@ -38,3 +38,24 @@ def test_bench_refuses_a_bad_file(cli, tmp_path):
     bad.write_bytes(b"nope")
     proc = cli("bench", bad, "--peer", "none")
     assert proc.returncode == 1 and proc.stderr.strip().startswith("error: ")
+
+
+def test_bench_updates_the_marked_section_of_a_doc_and_nothing_else(cli, tiny_path, tmp_path):
+    doc = tmp_path / "PERF.md"
+    doc.write_text("# Perf\nbefore\n<!-- trace bench cpu: begin -->\nold table\n<!-- trace bench cpu: end -->\nafter\n")
+    proc = cli("bench", tiny_path, "--prompt-tokens", "4", "--gen-tokens", "2", "--threads", "1", "--peer", "none",
+               "--no-compile-times", "--update", doc)
+    assert proc.returncode == 0, proc.stderr
+    text = doc.read_text()
+    assert "old table" not in text and text.startswith("# Perf\nbefore\n<!-- trace bench cpu: begin -->\n`trace bench")
+    assert text.endswith("|\n<!-- trace bench cpu: end -->\nafter\n")
+    table = text.split("begin -->\n")[1].split("\n<!--")[0]
+    assert table == proc.stdout.strip()
+
+
+def test_bench_refuses_a_doc_without_markers_before_measuring(cli, tiny_path, tmp_path):
+    doc = tmp_path / "PERF.md"
+    doc.write_text("no markers here\n")
+    proc = cli("bench", tiny_path, "--peer", "none", "--update", doc)
+    assert proc.returncode == 1 and proc.stderr.strip().startswith("error: ") and "trace bench cpu: begin" in proc.stderr
+    assert doc.read_text() == "no markers here\n" and "Traceback" not in proc.stderr
