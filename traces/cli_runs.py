@@ -26,7 +26,8 @@ from engine.kernels import STAT_FIELDS
 from engine.recorder import LAYER_SLOTS
 
 from . import progress
-from .cli import knob_options, load, main, make_knobs, prompt_options, prompt_tokens, write_output
+from .cli import (check_prompt_options, knob_options, load, main, make_knobs, prompt_options, prompt_tokens,
+                  write_output)
 
 STD = STAT_FIELDS.index("std_dev")
 NAN = STAT_FIELDS.index("nan_count")
@@ -69,6 +70,7 @@ def run_cmd(model_path, prompt, tokens, chat, system, no_qk_norm, rope_theta, no
     check_label(label)
     store = open_store(store_dir)
     knobs = make_knobs(no_qk_norm, rope_theta, no_norm_topk_prob, template)
+    check_prompt_options(prompt, tokens, chat, default_prompt="What is 2+2?")
     model = load(model_path)
     text, ids = prompt_tokens(model, prompt, tokens, chat, template, system, default_prompt="What is 2+2?")
     vectors = "vectors" in capture
@@ -297,6 +299,7 @@ def reference_cmd(model_path, prompt, tokens, chat, system, rope_theta, no_norm_
     check_label(label)
     store = open_store(store_dir)
     knobs = make_knobs(False, rope_theta, no_norm_topk_prob, template)
+    check_prompt_options(prompt, tokens, chat, default_prompt="What is 2+2?")
     model = load(model_path)
     text, ids = prompt_tokens(model, prompt, tokens, chat, template, system, default_prompt="What is 2+2?")
     with progress.status("building the Hugging Face reference (dequantizing with gguf-py)"):

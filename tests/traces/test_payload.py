@@ -68,22 +68,5 @@ def test_export_chat_prompt_to_file(cli, tiny_path, tmp_path):
     assert "<|im_start|>" in payload["token_texts"] and "<|im_end|>" in payload["token_texts"]
 
 
-@pytest.mark.parametrize(
-    "args, message",
-    [
-        (["export", "/nonexistent/model.gguf", "--tokens", "1"], "no such file"),
-        (["export", "{not_gguf}", "--tokens", "1"], "not a GGUF file"),
-        (["export", "{tiny}", "--tokens", "1,99999999"], "out of range"),
-        (["export", "{tiny}", "--tokens", "1,x"], "not an integer"),
-        (["generate", "{tiny}", "--prompt", "x", "--temperature", "-1"], "temperature"),
-    ],
-)
-def test_bad_input_is_one_line_and_exit_1(cli, tiny_path, tmp_path, args, message):
-    not_gguf = tmp_path / "readme.gguf"
-    not_gguf.write_text("hello, I am not a model at all")
-    args = [a.format(tiny=tiny_path, not_gguf=not_gguf) for a in args]
-    proc = cli(*args)
-    assert proc.returncode == 1, proc.stderr
-    lines = proc.stderr.strip().splitlines()
-    assert lines[-1].startswith("error: ") and message in lines[-1]
-    assert "Traceback" not in proc.stderr
+# Bad input through the real command (missing, non-GGUF and malformed files, token ids, sampling parameters):
+# tests/traces/test_cli_bad_input.py.
