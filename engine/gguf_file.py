@@ -4,16 +4,16 @@ The file is memory-mapped read-only. A tensor is exposed as a read-only uint8 vi
 shaped (rows, row_bytes) for matrices and (experts, rows, row_bytes) for expert stacks, so kernels
 read the quantized bytes in place and the weights stay in the page cache.
 
-Parsing is gguf-py's `GGUFReader`; in front of it `scan_header` walks the whole header once with
-`struct` over a read-only map and checks what gguf-py would otherwise turn into an IndexError, a
+Parsing is ours: `scan_header` walks the whole header once with `struct` over a read-only map, builds
+the metadata values (gguf-py's `GGUFReader` gives the same values, in tests, but takes half a minute
+over a real vocabulary) and checks what gguf-py would otherwise turn into an IndexError, a
 reshape error, a silently short string, a recursion error or a hang (see shared/docs/robustness.md):
 magic, version and byte order; n_kv and n_tensors against the file size; every key, string and array
 length against the bytes left; value types; array nesting; general.alignment; per tensor: the name,
 n_dims in 1..4, every dimension in 1..2^63-1, the element count below 2^63, a known type id, a row
 length that is a whole number of blocks, an aligned offset, data inside the file and disjoint from
 every other tensor's, and no duplicate names. Every failure is a GGUFFormatError (an unknown tensor
-type id: UnsupportedTypeError) whose one-line message names the field and the value; whatever
-gguf-py still raises afterwards is wrapped the same way.
+type id: UnsupportedTypeError) whose one-line message names the field and the value.
 """
 
 from __future__ import annotations
@@ -42,7 +42,7 @@ _VALUE_TYPES = {
     5: ("INT32", "i"), 6: ("FLOAT32", "f"), 7: ("BOOL", "B"), 8: ("STRING", None), 9: ("ARRAY", None),
     10: ("UINT64", "Q"), 11: ("INT64", "q"), 12: ("FLOAT64", "d"),
 }
-_STRING, _ARRAY, _UINT32 = 8, 9, 4
+_STRING, _ARRAY, _UINT32, _BOOL = 8, 9, 4, 7
 _SCALAR_SIZE = {t: struct.calcsize("<" + f) for t, (_, f) in _VALUE_TYPES.items() if f}
 _MIN_KV_BYTES = 8 + 4 + 1  # key length, value type, the smallest value
 _MIN_TENSOR_INFO_BYTES = 8 + 4 + 8 + 4 + 8  # name length, n_dims, one dim, type, offset
@@ -98,6 +98,7 @@ class Header:
     alignment: int
     data_start: int  # absolute offset of the (aligned) data section
     tensors: tuple[TensorEntry, ...]
+    metadata: dict | None = None  # key -> value, when the scan was asked to build the values
 
 
 def _short(text, limit: int = 80) -> str:
@@ -140,6 +141,64 @@ class _Cursor:
         self.pos += n
         return data
 
+    def read_value(self, vtype: int, what: str, depth: int = 0):
+        """One value of type `vtype` as gguf-py's `ReaderField.contents()` gives it: a Python scalar, a str,
+        or a list (numeric arrays in one numpy step; string arrays in one pass). Same checks as skip_value."""
+        if vtype in _SCALAR_SIZE:
+            value = self.unpack("<" + _VALUE_TYPES[vtype][1], f"{what}: {_VALUE_TYPES[vtype][0]} value")
+            return bool(value) if vtype == _BOOL else value
+        if vtype == _STRING:
+            return self._text(self.string(f"{what}: string"), what)
+        if vtype != _ARRAY:
+            raise self.fail(f"{what}: value type {vtype} at offset {self.pos - 4} is not a GGUF value type")
+        sub, n = self._array_head(what, depth)
+        if sub in _SCALAR_SIZE:
+            values = np.frombuffer(self.buf, dtype="<" + _VALUE_TYPES[sub][1], count=n, offset=self.pos).tolist()
+            self.pos += n * _SCALAR_SIZE[sub]
+            return [bool(v) for v in values] if sub == _BOOL else values
+        if sub == _STRING:
+            return self._strings(n, what, build=True)
+        return [self.read_value(sub, what, depth + 1) for _ in range(n)]
+
+    def _array_head(self, what: str, depth: int) -> tuple[int, int]:
+        """Element type and length of an array, checked: known type, nesting, and room for n elements."""
+        if depth >= MAX_ARRAY_NESTING:
+            raise self.fail(f"{what}: arrays nested more than {MAX_ARRAY_NESTING} deep at offset {self.pos}")
+        start = self.pos
+        sub = self.u32(f"{what}: array element type")
+        n = self.u64(f"{what}: array length")
+        if sub not in _VALUE_TYPES:
+            raise self.fail(f"{what}: array element type {sub} is not a GGUF value type")
+        least = _SCALAR_SIZE.get(sub, 8 if sub == _STRING else 12)  # bytes per element, at least
+        if n > (self.size - self.pos) // least:
+            raise self.fail(f"{what}: array of {n} {_VALUE_TYPES[sub][0]} at offset {start} runs past the end "
+                            f"of the file ({self.size} bytes)")
+        return sub, n
+
+    def _strings(self, n: int, what: str, build: bool) -> list[str] | None:
+        """n length-prefixed strings in one tight pass, each length checked against the file."""
+        buf, pos, size, out = self.buf, self.pos, self.size, []
+        for i in range(n):
+            if pos + 8 > size:
+                self.pos = pos
+                self.need(8, f"{what}: string {i} length")
+            length = int.from_bytes(buf[pos:pos + 8], "little")
+            pos += 8
+            if length > size - pos:
+                raise self.fail(f"{what}: string {i} length {length} at offset {pos - 8} runs past the end of "
+                                f"the file ({size} bytes)")
+            if build:
+                out.append(self._text(buf[pos:pos + length], what))
+            pos += length
+        self.pos = pos
+        return out if build else None
+
+    def _text(self, data: bytes, what: str) -> str:
+        try:
+            return data.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise self.fail(f"{what}: a string is not valid UTF-8 ({exc.reason} at byte {exc.start})") from None
+
     def skip_value(self, vtype: int, what: str, depth: int = 0) -> None:
         """Step over one value of type `vtype` (arrays: in O(1) for scalar elements, bounded by the file)."""
         if vtype in _SCALAR_SIZE:
@@ -152,20 +211,11 @@ class _Cursor:
                                 f"({self.size} bytes)")
             self.pos += n
         elif vtype == _ARRAY:
-            if depth >= MAX_ARRAY_NESTING:
-                raise self.fail(f"{what}: arrays nested more than {MAX_ARRAY_NESTING} deep at offset {self.pos}")
-            start = self.pos
-            sub = self.u32(f"{what}: array element type")
-            n = self.u64(f"{what}: array length")
-            if sub not in _VALUE_TYPES:
-                raise self.fail(f"{what}: array element type {sub} is not a GGUF value type")
-            left = self.size - self.pos
-            least = _SCALAR_SIZE.get(sub, 8 if sub == _STRING else 12)  # bytes per element, at least
-            if n > left // least:
-                raise self.fail(f"{what}: array of {n} {_VALUE_TYPES[sub][0]} at offset {start} runs past the end "
-                                f"of the file ({self.size} bytes)")
+            sub, n = self._array_head(what, depth)
             if sub in _SCALAR_SIZE:
-                self.pos += n * least
+                self.pos += n * _SCALAR_SIZE[sub]
+            elif sub == _STRING:
+                self._strings(n, what, build=False)
             else:
                 for _ in range(n):
                     self.skip_value(sub, what, depth + 1)
@@ -204,16 +254,17 @@ def _check_header(path: Path) -> tuple[int, int]:
     return size, version
 
 
-def scan_header(path: str | os.PathLike) -> Header:
-    """Walk and check the whole header (see the module doc) without building any value; O(header) time,
-    O(1) memory beyond the tensor list. Raises GGUFFormatError / UnsupportedTypeError, one line each."""
+def scan_header(path: str | os.PathLike, *, values: bool = False) -> Header:
+    """Walk and check the whole header (see the module doc); O(header) time. With `values`, also build
+    the metadata (Header.metadata), each value only after its lengths were checked against the file.
+    Raises GGUFFormatError / UnsupportedTypeError, one line each."""
     path = Path(path)
     size, version = _check_header(path)
     with path.open("rb") as fh, mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as buf:
-        return _scan(buf, size, version, path)
+        return _scan(buf, size, version, path, values)
 
 
-def _scan(buf, size: int, version: int, path: Path) -> Header:
+def _scan(buf, size: int, version: int, path: Path, values: bool = False) -> Header:
     from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
     cur = _Cursor(buf, size, path)
@@ -221,6 +272,7 @@ def _scan(buf, size: int, version: int, path: Path) -> Header:
     n_tensors, n_kv = cur.unpack("<QQ", "counts")
     alignment = DEFAULT_ALIGNMENT
     keys: dict[str, int] = {}
+    metadata: dict = {}
     for i in range(n_kv):
         raw_key = cur.string(f"kv {i}: key")
         try:
@@ -235,7 +287,10 @@ def _scan(buf, size: int, version: int, path: Path) -> Header:
         if vtype not in _VALUE_TYPES:
             raise cur.fail(f"{what}: value type {vtype} at offset {cur.pos - 4} is not a GGUF value type")
         value_at = cur.pos
-        cur.skip_value(vtype, what)
+        if values:
+            metadata[key] = cur.read_value(vtype, what)
+        else:
+            cur.skip_value(vtype, what)
         if key == "general.alignment":
             if vtype != _UINT32:
                 raise cur.fail(f"general.alignment has type {_VALUE_TYPES[vtype][0]}, expected UINT32")
@@ -293,45 +348,22 @@ def _scan(buf, size: int, version: int, path: Path) -> Header:
             raise cur.fail(f"tensor {_short(t.name)} data [{t.offset}, {t.offset + t.n_bytes}) overlaps tensor "
                            f"{_short(prev.name)} [{prev.offset}, {prev.offset + prev.n_bytes})")
     return Header(size=size, version=version, n_kv=n_kv, alignment=alignment, data_start=data_start,
-                  tensors=tuple(entries))
-
-
-def _field_value(field):
-    from gguf import GGUFValueType
-
-    if not field.types:
-        return None
-    if field.types[0] == GGUFValueType.ARRAY:
-        return list(field.contents())
-    return field.contents()
+                  tensors=tuple(entries), metadata=metadata if values else None)
 
 
 def open_gguf(path: str | os.PathLike) -> GGUFFile:
-    """Map `path` and return its metadata and tensors; raises GGUFFormatError with a one-line message."""
-    from gguf import GGUFReader
+    """Map `path` and return its metadata and tensors; raises GGUFFormatError with a one-line message.
 
+    The metadata comes from our own scan (gguf-py's GGUFReader builds a numpy view per string: about
+    half a minute for a 151,936-token vocabulary); tests/engine/test_gguf_file.py checks it equals
+    GGUFReader's on every fixture."""
     path = Path(path)
-    header = scan_header(path)
+    header = scan_header(path, values=True)
+    metadata = {k: v for k, v in header.metadata.items() if not k.startswith("GGUF.")}
     try:
-        reader = GGUFReader(path, "r")
-    except Exception as exc:  # the scan passed, so this is a fault the scan does not know: still the file's
-        raise GGUFFormatError(f"{path}: malformed GGUF ({type(exc).__name__}: {_one_line(exc)})") from None
-    if int(reader.data_offset) != header.data_start:
-        raise GGUFFormatError(f"{path}: data section starts at {reader.data_offset}, the header implies "
-                              f"{header.data_start}")
-    metadata = {}
-    for key, field in reader.fields.items():
-        if key.startswith("GGUF."):
-            continue
-        try:
-            metadata[key] = _field_value(field)
-        except UnicodeDecodeError as exc:
-            raise GGUFFormatError(f"{path}: kv {_short(key)}: a string is not valid UTF-8 ({exc.reason} at byte "
-                                  f"{exc.start})") from None
-        except Exception as exc:
-            raise GGUFFormatError(f"{path}: kv {_short(key)}: unreadable value ({type(exc).__name__}: "
-                                  f"{_one_line(exc)})") from None
-    data = reader.data
+        data = np.memmap(path, dtype=np.uint8, mode="r")
+    except (OSError, ValueError) as exc:
+        raise GGUFFormatError(f"{path}: cannot map the file ({_one_line(exc)})") from None
     tensors: dict[str, TensorInfo] = {}
     for t in header.tensors:
         elems, nbytes = block_layout(t.qtype)
