@@ -75,6 +75,7 @@ class BenchResult:
     machine: str
     peer: dict | None = None
     ratios: dict = field(default_factory=dict)
+    profile: dict | None = None
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -177,6 +178,73 @@ def bench_engine(path: str, *, prompt_tokens: int, gen_tokens: int, threads: int
         traced_over_untraced=round(traced / dec, 3), peak_rss_anon_mb=round(mem.peak, 1), machine=machine())
 
 
+class OpTimer:
+    """Time spent in each public method of a model's backend (the one forward's array work), by wrapping
+    the methods of that backend instance while active. `linear` calls on the vocabulary-sized matrix are
+    reported as `lm_head`. Instrumentation only: the forward and its kernels are the same."""
+
+    def __init__(self, model):
+        self.model, self.backend = model, model.backend
+        self.seconds: dict[str, float] = {}
+        self._names = [n for n in dir(self.backend) if not n.startswith("_") and callable(getattr(self.backend, n))
+                       and n not in ("to_host", "from_host", "zeros")]
+
+    def _wrap(self, name, fn):
+        vocab = self.model.config.vocab_size
+
+        def timed(*args, **kwargs):
+            t = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                key = "lm_head" if name == "linear" and getattr(args[0], "shape", (0,))[0] == vocab else name
+                self.seconds[key] = self.seconds.get(key, 0.0) + time.perf_counter() - t
+        return timed
+
+    def __enter__(self):
+        for n in self._names:
+            setattr(self.backend, n, self._wrap(n, getattr(self.backend, n)))
+        return self
+
+    def __exit__(self, *exc):
+        for n in self._names:
+            self.backend.__dict__.pop(n, None)
+
+
+def profile_decode(path: str, *, prompt_tokens: int, gen_tokens: int, threads: int) -> dict:
+    """Milliseconds per token in each backend operation, for greedy decode after a prompt; plus the total
+    and the share outside the backend's operations (Python, the recorder, the cache)."""
+    import numba
+
+    from engine.forward import forward
+    from engine.kv_cache import KVCache
+    from engine.model import load_model
+
+    numba.set_num_threads(threads)
+    model = load_model(path, with_tokenizer=False)
+    rng = np.random.default_rng(0)
+    prompt = rng.integers(0, min(model.config.vocab_size, 30000), size=prompt_tokens)
+    cache = KVCache(model.config, prompt_tokens + gen_tokens + 1)
+    logits = forward(model, prompt, cache)
+    with OpTimer(model) as timer:
+        t = time.perf_counter()
+        for _ in range(gen_tokens):
+            logits = forward(model, np.array([int(np.argmax(logits[-1]))]), cache)
+        total = time.perf_counter() - t
+    ms = {k: round(v / gen_tokens * 1e3, 3) for k, v in sorted(timer.seconds.items(), key=lambda kv: -kv[1])}
+    ms["(outside the operations)"] = round((total - sum(timer.seconds.values())) / gen_tokens * 1e3, 3)
+    return {"total_ms_per_token": round(total / gen_tokens * 1e3, 3), "ms_per_token": ms}
+
+
+def profile_markdown(profile: dict) -> str:
+    total = profile["total_ms_per_token"]
+    out = ["", f"Where a decode step's time goes ({total:g} ms per token):", "", "| operation | ms per token | share |",
+           "|---|---|---|"]
+    for name, ms in profile["ms_per_token"].items():
+        out.append(f"| {name} | {ms:g} | {100 * ms / total:.1f}% |")
+    return "\n".join(out)
+
+
 def bench_llama_cpp(path: str, *, prompt_tokens: int, gen_tokens: int, threads: int) -> dict:
     """The same measurements with llama.cpp through llama-cpp-python."""
     from llama_cpp import Llama
@@ -234,6 +302,8 @@ def markdown(r: BenchResult) -> str:
     for name, ours, theirs in rows:
         key = "prefill" if name.startswith("prefill") else "decode" if name == "decode tok/s" else None
         out.append(f"| {name} | {cell(ours)} | {cell(theirs)} | {cell(ratio.get(key)) if key else ''} |")
+    if r.profile:
+        out.append(profile_markdown(r.profile))
     return "\n".join(out)
 
 

@@ -252,14 +252,15 @@ def synth(shape, layers, qtype, seed, output):
 @click.option("--peer", type=click.Choice(["llama.cpp", "none"]), default="llama.cpp", show_default=True,
               help="Also measure llama.cpp (llama-cpp-python) on the same file in the same run, when installed.")
 @click.option("--no-compile-times", is_flag=True, help="Skip the cold/warm first-call measurements.")
+@click.option("--profile", is_flag=True, help="Also time each operation of a decode step (a second table).")
 @click.option("--json", "as_json", is_flag=True, help="One JSON object on stdout.")
 @click.option("--markdown", "as_markdown", is_flag=True, help="A Markdown table on stdout (for the docs).")
 @click.option("--update", "update_docs", type=click.Path(exists=True, dir_okay=False, path_type=Path), multiple=True,
               help="Also write the table into this Markdown file, between the markers "
                    "'<!-- trace bench NAME: begin -->' and '<!-- trace bench NAME: end -->' (repeatable).")
 @click.option("--section", default="cpu", show_default=True, help="NAME of the marked section --update replaces.")
-def bench(model_path, prompt_tokens, gen_tokens, threads, peer, no_compile_times, as_json, as_markdown, update_docs,
-          section):
+def bench(model_path, prompt_tokens, gen_tokens, threads, peer, no_compile_times, profile, as_json, as_markdown,
+          update_docs, section):
     """Measure load, compile, prefill, decode and traced decode speed and peak memory, beside llama.cpp."""
     import os
 
@@ -286,6 +287,10 @@ def bench(model_path, prompt_tokens, gen_tokens, threads, peer, no_compile_times
                 peer_result = B.bench_llama_cpp(model_path, prompt_tokens=prompt_tokens, gen_tokens=gen_tokens,
                                                 threads=threads)
     result = B.with_peer(result, peer_result)
+    if profile:
+        with progress.status("timing each operation of a decode step"):
+            result.profile = B.profile_decode(model_path, prompt_tokens=prompt_tokens, gen_tokens=gen_tokens,
+                                              threads=threads)
     table = B.markdown(result)
     for doc in update_docs:
         B.update_section(doc, section, table)

@@ -26,11 +26,17 @@ def test_bench_json_has_its_fields(cli, tiny_path):
 
 def test_bench_markdown_table(cli, tiny_path):
     proc = cli("bench", tiny_path, "--prompt-tokens", "4", "--gen-tokens", "2", "--threads", "1", "--markdown",
-               "--peer", "none", "--no-compile-times")
+               "--peer", "none", "--no-compile-times", "--profile")
     assert proc.returncode == 0, proc.stderr
     lines = proc.stdout.strip().splitlines()
     assert lines[0].startswith("`trace bench ")
     assert any(line.startswith("| decode tok/s |") for line in lines)
+    # the profile: the lm_head, the experts and the rest, with shares that add up to the whole step
+    rows = {line.split(" | ")[0][2:]: line.split(" | ") for line in lines[lines.index("| operation | ms per token | share |"):]
+            if line.startswith("| ") and not line.startswith("| operation")}
+    assert {"lm_head", "experts", "attend", "(outside the operations)"} <= set(rows)
+    shares = [float(cells[2].rstrip("% |")) for cells in rows.values()]
+    assert abs(sum(shares) - 100) < 1.0
 
 
 def test_bench_refuses_a_bad_file(cli, tmp_path):
