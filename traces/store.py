@@ -327,7 +327,7 @@ class Run:
         """A run from an exported JSON payload: stats at the last position, router at every position."""
         try:
             return cls._from_payload(payload, label)
-        except (KeyError, TypeError, ValueError, IndexError, AttributeError) as exc:
+        except (KeyError, TypeError, ValueError, IndexError, AttributeError, OverflowError) as exc:
             raise StoreError(f"not a trace payload this workbench can read: {type(exc).__name__} {exc}") from None
 
     @classmethod

@@ -102,3 +102,123 @@ def test_save_then_browse_rename_and_delete_runs(app, store):
     app.button(key="runs_delete").click().run()
     assert not app.exception, app.exception
     assert any("No runs yet" in i.value for i in app.info)
+
+
+# --- uploads on the Diff page (robustness.md item 11): a clear st.error, never an exception ----------
+
+
+@pytest.fixture(scope="module")
+def payload_dict() -> dict:
+    """A real payload of the embedded model whose token texts are HTML (tests/workbench/hostile.py)."""
+    from engine.model import load_model
+    from tests.workbench.hostile import hostile_payload
+    from workbench.catalog import EMBEDDED_DIR
+
+    return hostile_payload(load_model(EMBEDDED_DIR / "stdlib-coder-q8_0.gguf"))
+
+
+@pytest.fixture(scope="module")
+def good_payload(payload_dict) -> bytes:
+    from traces.payload import dumps
+
+    return dumps(payload_dict).encode()
+
+
+def upload(a: tuple[str, bytes], b: tuple[str, bytes]) -> AppTest:
+    at = AppTest.from_file(APP, default_timeout=TIMEOUT)
+    at.switch_page("app_pages/diff.py").run()
+    at.radio(key="diff_mode").set_value("uploaded payloads").run()
+    at.file_uploader(key="diff_upload_A").set_value((a[0], a[1], "application/json"))
+    at.file_uploader(key="diff_upload_B").set_value((b[0], b[1], "application/json"))
+    return at.run()
+
+
+def test_two_valid_uploads_are_diffed(good_payload):
+    at = upload(("a.json", good_payload), ("b.json", good_payload))
+    assert not at.exception, at.exception
+    assert at.session_state["diff_result"]["first_divergence"] is None
+    assert any("No divergence" in s.value for s in at.success)
+
+
+BAD_UPLOADS = {
+    "not-json": (b"{nope", "a.json: not JSON"),
+    "not-utf8": (b"\xff\xfe{}", "a.json: not JSON"),
+    "empty": (b"", "a.json: not JSON"),
+    "too-big": (b" " * (20 * 1024 * 1024 + 1), "a.json: 20971521 bytes is over the 20971520 byte limit"),
+    "json-array": (b"[]", "a.json: does not match the trace payload schema"),
+    "schema-mismatch": (b'{"format": "GGUF", "num_layers": "<script>window.__pwned=1</script>"}',
+                        "a.json: does not match the trace payload schema"),
+    "deeply-nested": (b"[" * 100_000 + b"]" * 100_000, "a.json: not JSON (maximum recursion depth"),
+    "huge-schema-error": (b"[" + b"1," * 500_000 + b"1]", "a.json: does not match the trace payload schema at the top"),
+}
+
+
+@pytest.mark.parametrize("case", BAD_UPLOADS)
+def test_a_bad_upload_is_a_clear_error(good_payload, case):
+    content, message = BAD_UPLOADS[case]
+    at = upload(("a.json", content), ("b.json", good_payload))
+    assert not at.exception, at.exception
+    errors = [e.value for e in at.error]
+    assert len(errors) == 1 and errors[0].startswith(message) and "\n" not in errors[0], errors
+    assert len(errors[0]) < 500  # a schema error quotes the offending value: cut short
+    assert "diff_result" not in at.session_state
+
+
+def _set(path, value):
+    def change(p):
+        *parents, last = path
+        for key in parents:
+            p = p[key]
+        if value is _POP:
+            p.pop(last)
+        else:
+            p[last] = value
+    return change
+
+
+_POP = object()
+INCONSISTENT = {  # schema-valid payloads whose parts disagree: an error or a diff, never an exception
+    "expert-id-overflows-int32": (_set(("router", 0, "positions", 0, "selected_experts"), [2**40, 1]), True),
+    "ragged-router-positions": (_set(("router", 0, "positions", 1), _POP), True),
+    "config-layers-disagree": (_set(("config", "n_layers"), 9), True),
+    "fewer-tokens": (_set(("encoded_tokens", 0), _POP), True),
+    "fewer-token-texts": (_set(("token_texts", 0), _POP), False),
+    "fewer-layers": (_set(("layers", 3), _POP), False),
+    "layer-index-huge": (_set(("layers", 1, "layer_idx"), 10**9), False),
+    "router-layer-missing": (_set(("router", 1), _POP), False),
+    "n-experts-huge": (_set(("config", "n_experts"), 10**12), False),
+}
+
+
+@pytest.mark.parametrize("case", INCONSISTENT)
+def test_an_inconsistent_upload_never_raises(payload_dict, good_payload, case):
+    import copy
+    import json
+
+    from contracts import validate_payload
+
+    change, refused = INCONSISTENT[case]
+    bad = copy.deepcopy(payload_dict)
+    change(bad)
+    validate_payload(bad)  # the schema alone does not catch these
+    at = upload(("a.json", json.dumps(bad).encode()), ("b.json", good_payload))
+    assert not at.exception, at.exception
+    errors = [e.value for e in at.error if not e.value.startswith("First divergence")]
+    if refused:
+        assert len(errors) == 1 and "\n" not in errors[0], errors
+
+
+def test_runs_page_opens_a_run_that_kept_fewer_than_20_logits(store, payload_dict):
+    """A run stored from a payload (or `trace run --top-k 5`) keeps fewer top logits than the page's download
+    asked for: the page used to raise StoreError."""
+    from traces.store import Run, Store
+
+    Store(store).save(Run.from_payload(payload_dict, label="seven logits"))
+    at = AppTest.from_file(APP, default_timeout=TIMEOUT)
+    at.switch_page("app_pages/runs.py").run()
+    assert not at.exception, at.exception
+    assert list(at.dataframe[0].value["label"]) == ["seven logits"]
+    at.button(key="runs_open").click().run()
+    assert not at.exception, at.exception
+    assert at.session_state["view"].token_texts[0] == payload_dict["token_texts"][0]
+    assert len(at.get("download_button")) == 1

@@ -15,7 +15,14 @@ from workbench import analysis, charts
 from workbench.state import DEFAULT_PROMPT, get_store, model_picker, save_live_trace
 from workbench.view import from_run
 
-MAX_UPLOAD = 20 * 1024 * 1024
+MAX_UPLOAD = 20 * 1024 * 1024  # also .streamlit/config.toml's server.maxUploadSize (MB), which the server enforces
+
+
+def brief(exc, limit: int = 300) -> str:
+    """An error about an upload, on one line and short (a schema error quotes the offending value in full)."""
+    text = " ".join(str(exc).split())
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
 
 st.title("Diff")
 st.caption("Before and after a fix: the earliest layer and slot where two traces leave the tolerance band.")
@@ -57,14 +64,21 @@ else:
                 st.stop()
             try:
                 payload = json.loads(f.getvalue().decode("utf-8"))
+            except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+                st.error(f"{f.name}: not JSON ({brief(exc)})")
+                st.stop()
+            try:
                 validate_payload(payload)
-            except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-                st.error(f"{f.name}: not JSON ({exc})")
-                st.stop()
             except Exception as exc:  # jsonschema.ValidationError and friends: the upload does not fit the schema
-                st.error(f"{f.name}: does not match the trace payload schema: {getattr(exc, 'message', exc)}")
+                where = "/".join(str(p) for p in getattr(exc, "absolute_path", ())) or "the top level"
+                st.error(f"{f.name}: does not match the trace payload schema at {where}: "
+                         f"{brief(getattr(exc, 'message', exc))}")
                 st.stop()
-            loaded.append(Run.from_payload(payload))
+            try:
+                loaded.append(Run.from_payload(payload))
+            except WorkbenchError as exc:  # schema-valid, but not self-consistent
+                st.error(f"{f.name}: {brief(exc)}")
+                st.stop()
         a, b = loaded
 
 if a is None or b is None:

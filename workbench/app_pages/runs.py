@@ -44,6 +44,11 @@ with c2:
 if c3.button("Delete", key="runs_delete"):
     store.remove(run_id)
     st.rerun()
-payload = store.load(run_id, vectors=False).to_payload(20)
+try:
+    run = store.load(run_id, vectors=False)
+    payload = run.to_payload(min(20, int(run.meta.get("top_k") or 20)))  # a run keeps what it was traced with
+except WorkbenchError as exc:
+    st.error(str(exc))
+    st.stop()
 st.download_button("Download payload JSON", dumps(payload), file_name=f"{run_id}.json", mime="application/json",
                    key="runs_download")
