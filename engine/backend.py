@@ -42,7 +42,8 @@ class CpuBackend:
     def from_host(self, a: np.ndarray) -> np.ndarray:
         return np.ascontiguousarray(a, dtype=np.float32)
 
-    def zeros(self, shape: tuple) -> np.ndarray:
+    def cache_array(self, shape: tuple) -> np.ndarray:
+        """Storage for the KV cache: float32 `shape`; positions are written before they are read."""
         return np.zeros(shape, dtype=np.float32)
 
     def copy_positions(self, dst: np.ndarray, src: np.ndarray, length: int) -> None:

@@ -20,8 +20,8 @@ class KVCache:
         self._shape = (config.n_layers, config.n_kv_heads, config.head_dim)
         capacity = max(1, min(capacity, self.max_positions))
         L, kvh, hd = self._shape
-        self.k = backend.zeros((L, capacity, kvh, hd))
-        self.v = backend.zeros((L, capacity, kvh, hd))
+        self.k = backend.cache_array((L, capacity, kvh, hd))
+        self.v = backend.cache_array((L, capacity, kvh, hd))
         self.length = 0
 
     @classmethod
@@ -45,7 +45,7 @@ class KVCache:
         cap = min(self.max_positions, max(need, 2 * self.capacity))
         for name in ("k", "v"):
             old = getattr(self, name)
-            new = self.backend.zeros((old.shape[0], cap) + tuple(old.shape[2:]))
+            new = self.backend.cache_array((old.shape[0], cap) + tuple(old.shape[2:]))
             self.backend.copy_positions(new, old, self.length)
             setattr(self, name, new)
 

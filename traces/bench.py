@@ -73,6 +73,8 @@ class BenchResult:
     traced_over_untraced: float
     peak_rss_anon_mb: float
     machine: str
+    backend: str = "cpu"
+    launches_per_token: float | None = None  # kernel launches per decoded token (cuda)
     peer: dict | None = None
     ratios: dict = field(default_factory=dict)
     profile: dict | None = None
@@ -88,20 +90,28 @@ from engine.model import load_model
 from engine.forward import forward
 from engine.kv_cache import KVCache
 import numpy as np
-m = load_model(sys.argv[1], with_tokenizer=False)
+m = load_model(sys.argv[1], with_tokenizer=False, backend=sys.argv[2])
 t1 = time.perf_counter()
-forward(m, np.array([1, 2, 3]), KVCache(m.config, 4))
+forward(m, np.array([1, 2, 3]), KVCache.for_model(m, 4))
 t2 = time.perf_counter()
 print(t2 - t1, t2 - t0)
 """
 
 
-def first_call_seconds(path: str, cache_dir: str) -> tuple[float, float]:
+def check_backend(backend: str) -> None:
+    """BackendUnavailable (one line) when `backend` cannot run on this machine."""
+    if backend == "cuda":
+        from engine.cuda_backend import CudaBackend
+
+        CudaBackend(None)
+
+
+def first_call_seconds(path: str, cache_dir: str, backend: str = "cpu") -> tuple[float, float]:
     """(first forward, imports + load + first forward) in seconds, in a fresh process whose Numba cache is
-    `cache_dir`."""
+    `cache_dir` (numba-cuda kernels are compiled in every process: the cuda figures are equal)."""
     env = dict(os.environ, NUMBA_CACHE_DIR=cache_dir)
     root = Path(__file__).resolve().parents[1]
-    out = subprocess.run([sys.executable, "-c", _FIRST_CALL, path], capture_output=True, text=True, env=env,
+    out = subprocess.run([sys.executable, "-c", _FIRST_CALL, path, backend], capture_output=True, text=True, env=env,
                          cwd=root, timeout=1800)
     if out.returncode != 0:
         raise RuntimeError(out.stderr.strip().splitlines()[-1] if out.stderr.strip() else "child failed")
@@ -122,7 +132,8 @@ def machine() -> str:
 
 
 def bench_engine(path: str, *, prompt_tokens: int, gen_tokens: int, threads: int, compile_times: bool = True,
-                 progress=None) -> BenchResult:
+                 progress=None, backend: str = "cpu") -> BenchResult:
+    """With backend 'cuda' the same figures on the GPU, plus kernel launches per decoded token."""
     import numba
 
     from engine.forward import forward
@@ -136,33 +147,38 @@ def bench_engine(path: str, *, prompt_tokens: int, gen_tokens: int, threads: int
         with tempfile.TemporaryDirectory() as cache:
             if progress:
                 progress("compiling the kernels in a fresh process (cold cache)")
-            cold, _ = first_call_seconds(path, cache)
+            cold, _ = first_call_seconds(path, cache, backend)
             if progress:
                 progress("first forward in a fresh process (warm cache)")
-            warm, start = first_call_seconds(path, cache)
+            warm, start = first_call_seconds(path, cache, backend)
     with PeakMemory() as mem:
         t0 = time.perf_counter()
-        model = load_model(path, with_tokenizer=False)
+        model = load_model(path, with_tokenizer=False, backend=backend)
         load_s = time.perf_counter() - t0
         vocab = model.config.vocab_size
         rng = np.random.default_rng(0)
         prompt = rng.integers(0, min(vocab, 30000), size=prompt_tokens)
-        forward(model, prompt[:4], KVCache(model.config, 8))  # compile (or load the cache) outside the timings
+        forward(model, prompt[:4], KVCache.for_model(model, 8))  # compile (or load the cache) outside the timings
         if progress:
             progress(f"prefill of {prompt_tokens} tokens")
-        cache = KVCache(model.config, prompt_tokens + gen_tokens + 1)
+        cache = KVCache.for_model(model, prompt_tokens + gen_tokens + 1)
         t0 = time.perf_counter()
         logits = forward(model, prompt, cache)
         prefill = prompt_tokens / (time.perf_counter() - t0)
 
+        launches = []
+
         def decode(recorder=None) -> float:
-            c = KVCache(model.config, prompt_tokens + gen_tokens + 1)
+            c = KVCache.for_model(model, prompt_tokens + gen_tokens + 1)
             lg = forward(model, prompt, c)
             kwargs = {"recorder": recorder} if recorder is not None else {}
+            before = model.backend.launches
             t = time.perf_counter()
             for _ in range(gen_tokens):
                 lg = forward(model, np.array([int(np.argmax(lg[-1]))]), c, **kwargs)
-            return gen_tokens / (time.perf_counter() - t)
+            seconds = time.perf_counter() - t  # the logits came back to the host: the GPU is done
+            launches.append((model.backend.launches - before) / gen_tokens)
+            return gen_tokens / seconds
 
         if progress:
             progress(f"decode of {gen_tokens} tokens, untraced and traced")
@@ -175,7 +191,9 @@ def bench_engine(path: str, *, prompt_tokens: int, gen_tokens: int, threads: int
         compile_cold_s=None if cold is None else round(cold, 2), compile_warm_s=None if warm is None else round(warm, 2),
         start_to_first_token_warm_s=None if start is None else round(start, 2),
         prefill_tok_s=round(prefill, 2), decode_tok_s=round(dec, 2), decode_traced_tok_s=round(traced, 2),
-        traced_over_untraced=round(traced / dec, 3), peak_rss_anon_mb=round(mem.peak, 1), machine=machine())
+        traced_over_untraced=round(traced / dec, 3), peak_rss_anon_mb=round(mem.peak, 1),
+        machine=machine() if backend == "cpu" else f"{model.backend.device} (GPU); host {machine()}", backend=backend,
+        launches_per_token=launches[0] if backend != "cpu" else None)
 
 
 class OpTimer:
@@ -294,9 +312,11 @@ def markdown(r: BenchResult) -> str:
             ("decode tok/s", r.decode_tok_s, p.get("decode_tok_s")),
             ("traced decode tok/s", r.decode_traced_tok_s, None),
             ("traced ÷ untraced decode", r.traced_over_untraced, None),
+            ("kernel launches per decoded token", r.launches_per_token, None),
             ("peak anonymous memory MB", r.peak_rss_anon_mb, p.get("peak_rss_anon_mb"))]
     peer_name = p.get("engine", "llama.cpp (not installed: `pip install '.[peers]'`)")
-    out = [f"`trace bench {r.model}` — {r.file_gb} GB, {r.threads} threads, {r.machine}", "",
+    where = f"{r.threads} threads" if r.backend == "cpu" else f"backend {r.backend}"
+    out = [f"`trace bench {r.model}` — {r.file_gb} GB, {where}, {r.machine}", "",
            f"| figure | moe-workbench | {peer_name} | ratio |", "|---|---|---|---|"]
     ratio = {"prefill": r.ratios.get("prefill"), "decode": r.ratios.get("decode")}
     for name, ours, theirs in rows:

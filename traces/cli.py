@@ -3,6 +3,7 @@
     trace export MODEL.gguf --prompt "What is 2+2?" -o trace.json
     trace export MODEL.gguf --tokens 3838,374,220,17 --top-k 20 -o -
     trace generate MODEL.gguf --prompt "Write fizzbuzz" --chat --temperature 0.7 --seed 42
+    trace export MODEL.gguf --prompt "What is 2+2?" --backend cuda    # the same forward on a GPU
     trace synth --shape qwen3-30b-a3b --layers 4 -o bench.gguf
 
 stdout carries only the result (JSON, generated text); progress and errors go to stderr.
@@ -72,11 +73,18 @@ def make_knobs(no_qk_norm, rope_theta, no_norm_topk_prob, template):
                  template=template)
 
 
-def load(model_path: str):
+def backend_option(f):
+    return click.option("--backend", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True,
+                        help="Where the forward runs: the CPU (Numba) or an NVIDIA GPU (numba-cuda).")(f)
+
+
+def load(model_path: str, backend: str = "cpu"):
     from engine.model import load_model
 
-    with progress.status(f"loading {Path(model_path).name}"):
-        return load_model(model_path)
+    if backend == "cpu":
+        with progress.status(f"loading {Path(model_path).name}"):
+            return load_model(model_path)
+    return load_model(model_path, backend=backend, progress=progress.bar(f"copying {Path(model_path).name} to the GPU"))
 
 
 def check_prompt_options(prompt, tokens, chat, *, default_prompt=None) -> list[int] | None:
@@ -129,8 +137,9 @@ def write_output(text: str, output: str) -> None:
 @click.option("-o", "--output", default="-", show_default=True, help="Output file, or - for stdout.")
 @click.option("--store", "store_dir", envvar="TRACE_STORE", default=None, type=click.Path(file_okay=False),
               help="Run store, when SOURCE is a RUN_ID.")
+@backend_option
 def export(source, prompt, tokens, chat, system, no_qk_norm, rope_theta, no_norm_topk_prob, template, top_k, output,
-           store_dir):
+           store_dir, backend):
     """Write the JSON payload of one traced forward pass.
 
     SOURCE is a model file (traced now, over --prompt or --tokens) or a stored RUN_ID (its payload, the
@@ -143,12 +152,13 @@ def export(source, prompt, tokens, chat, system, no_qk_norm, rope_theta, no_norm
 
     if is_run_ref(source):
         if prompt is not None or tokens is not None or chat or no_qk_norm or rope_theta is not None \
-                or no_norm_topk_prob or template != "auto":
-            raise InputError("a stored run is exported as it was traced: drop the prompt, tokens and knob options")
+                or no_norm_topk_prob or template != "auto" or backend != "cpu":
+            raise InputError("a stored run is exported as it was traced: drop the prompt, tokens, knob and "
+                             "backend options")
         return export_run(source, store_dir, top_k, output)
     knobs = make_knobs(no_qk_norm, rope_theta, no_norm_topk_prob, template)
     check_prompt_options(prompt, tokens, chat, default_prompt="What is 2+2?")
-    model = load(source)
+    model = load(source, backend)
     text, ids = prompt_tokens(model, prompt, tokens, chat, template, system, default_prompt="What is 2+2?")
     with progress.status(f"tracing {len(ids)} tokens (the first run compiles the kernels)"):
         payload = trace_payload(model, ids, prompt=text, knobs=knobs, top_k=top_k)
@@ -176,8 +186,9 @@ def sampling_options(f):
 @prompt_options
 @knob_options
 @sampling_options
+@backend_option
 def generate(model_path, prompt, tokens, chat, system, no_qk_norm, rope_theta, no_norm_topk_prob, template,
-             temperature, top_k, top_p, min_p, repeat_penalty, repeat_last_n, seed, max_tokens, stop):
+             temperature, top_k, top_p, min_p, repeat_penalty, repeat_last_n, seed, max_tokens, stop, backend):
     """Generate text, streaming each token to stdout as it is produced."""
     from engine.generate import Generation, generate as run
     from engine.sampler import SamplingParams
@@ -187,7 +198,7 @@ def generate(model_path, prompt, tokens, chat, system, no_qk_norm, rope_theta, n
                             max_tokens=max_tokens, stop=tuple(stop))
     knobs = make_knobs(no_qk_norm, rope_theta, no_norm_topk_prob, template)
     check_prompt_options(prompt, tokens, chat)
-    model = load(model_path)
+    model = load(model_path, backend)
     _, ids = prompt_tokens(model, prompt, tokens, chat, template, system)
     tok = model.tokenizer
     res = Generation(prompt_ids=list(ids))
@@ -259,8 +270,9 @@ def synth(shape, layers, qtype, seed, output):
               help="Also write the table into this Markdown file, between the markers "
                    "'<!-- trace bench NAME: begin -->' and '<!-- trace bench NAME: end -->' (repeatable).")
 @click.option("--section", default="cpu", show_default=True, help="NAME of the marked section --update replaces.")
+@backend_option
 def bench(model_path, prompt_tokens, gen_tokens, threads, peer, no_compile_times, profile, as_json, as_markdown,
-          update_docs, section):
+          update_docs, section, backend):
     """Measure load, compile, prefill, decode and traced decode speed and peak memory, beside llama.cpp."""
     import os
 
@@ -271,10 +283,16 @@ def bench(model_path, prompt_tokens, gen_tokens, threads, peer, no_compile_times
     open_gguf(model_path)  # a clear error for a bad file before anything is timed
     for doc in update_docs:
         B.check_section(doc, section)
+    if backend != "cpu":
+        if profile:
+            from engine.errors import InputError
+
+            raise InputError("--profile times the CPU backend's operations; drop it with --backend cuda")
+        B.check_backend(backend)  # a one-line error when it cannot run here, before anything is timed
     threads = threads or os.cpu_count() or 1
-    with progress.status("benchmarking moe-workbench"):
+    with progress.status(f"benchmarking moe-workbench ({backend})"):
         result = B.bench_engine(model_path, prompt_tokens=prompt_tokens, gen_tokens=gen_tokens, threads=threads,
-                                compile_times=not no_compile_times,
+                                compile_times=not no_compile_times, backend=backend,
                                 progress=lambda m: None if progress._quiet else click.echo(f"  {m}", err=True))
     peer_result = None
     if peer == "llama.cpp":

@@ -26,8 +26,8 @@ from engine.kernels import STAT_FIELDS
 from engine.recorder import LAYER_SLOTS
 
 from . import progress
-from .cli import (check_prompt_options, knob_options, load, main, make_knobs, prompt_options, prompt_tokens,
-                  write_output)
+from .cli import (backend_option, check_prompt_options, knob_options, load, main, make_knobs, prompt_options,
+                  prompt_tokens, write_output)
 
 STD = STAT_FIELDS.index("std_dev")
 NAN = STAT_FIELDS.index("nan_count")
@@ -61,8 +61,9 @@ def open_store(store_dir):
 @click.option("--top-k", type=click.IntRange(1, 1000), default=20, show_default=True,
               help="Top logits kept at every position.")
 @store_option
+@backend_option
 def run_cmd(model_path, prompt, tokens, chat, system, no_qk_norm, rope_theta, no_norm_topk_prob, template, label,
-            capture, router_probs, top_k, store_dir):
+            capture, router_probs, top_k, store_dir, backend):
     """Trace one forward pass over a prompt and store it as a run; prints "run <RUN_ID>"."""
     from .store import Run, check_label
     from .tracing import trace_tokens
@@ -71,7 +72,7 @@ def run_cmd(model_path, prompt, tokens, chat, system, no_qk_norm, rope_theta, no
     store = open_store(store_dir)
     knobs = make_knobs(no_qk_norm, rope_theta, no_norm_topk_prob, template)
     check_prompt_options(prompt, tokens, chat, default_prompt="What is 2+2?")
-    model = load(model_path)
+    model = load(model_path, backend)
     text, ids = prompt_tokens(model, prompt, tokens, chat, template, system, default_prompt="What is 2+2?")
     vectors = "vectors" in capture
     with progress.status(f"tracing {len(ids)} tokens (the first run compiles the kernels)"):
