@@ -13,19 +13,45 @@ from .view import TraceView, from_recorder
 DEFAULT_PROMPT = "def fizzbuzz(n):\n"
 
 
-@st.cache_resource(show_spinner="Loading the model (memory-mapped)…", max_entries=4)
-def get_model(path: str) -> Model:
-    return load_model(resolve_model(path))
+@st.cache_resource(show_spinner="Loading the model (memory-mapped; on a GPU, copied to it once)…", max_entries=4)
+def get_model(path: str, backend: str = "cpu") -> Model:
+    """The model at `path`, running on `backend` ('cpu' or 'cuda'): one shared instance per pair."""
+    return load_model(resolve_model(path), backend=backend)
+
+
+@st.cache_resource(show_spinner=False)
+def backend_problem(backend: str) -> str | None:
+    """None when `backend` can run here, else the one-line reason (numba-cuda missing, no GPU)."""
+    from engine.backend import BackendUnavailable
+    from traces.bench import check_backend
+
+    try:
+        check_backend(backend)
+    except BackendUnavailable as exc:
+        return str(exc)
+    return None
+
+
+def backend_picker(key: str = "backend") -> str:
+    """The backend selectbox of the model controls: CPU, or CUDA (the same forward on a GPU). A backend
+    that cannot run here stops the page with its one-line reason."""
+    backend = st.selectbox("Backend", ["cpu", "cuda"], key=key,
+                           help="Where the one forward pass runs: CPU (Numba) or an NVIDIA GPU (numba-cuda).")
+    problem = backend_problem(backend)
+    if problem:
+        st.error(problem)
+        st.stop()
+    return backend
 
 
 @st.cache_data(show_spinner=False, max_entries=64)
-def trace_view(path: str, prompt: str, chat: bool, knob_items: tuple) -> TraceView:
+def trace_view(path: str, prompt: str, chat: bool, knob_items: tuple, backend: str = "cpu") -> TraceView:
     """Trace `prompt` once with the knobs; cached by its arguments."""
     from engine.session import encode_prompt
     from traces.payload import build_payload
     from traces.tracing import trace_tokens
 
-    model = get_model(path)
+    model = get_model(path, backend)
     knobs = Knobs(**dict(knob_items))
     tokens = encode_prompt(model, prompt, chat=chat, template=knobs.template)
     rec = trace_tokens(model, tokens, knobs=knobs, capture_vectors={"output"}, top_k=20)
@@ -85,13 +111,13 @@ def get_store():
     return Store(None)
 
 
-def save_live_trace(path: str, prompt: str, chat: bool, knobs: Knobs, label: str | None) -> str:
+def save_live_trace(path: str, prompt: str, chat: bool, knobs: Knobs, label: str | None, backend: str = "cpu") -> str:
     """Trace again with vectors and store it; returns the run id. (Cheap on the embedded model.)"""
     from engine.session import encode_prompt
     from traces.store import Run
     from traces.tracing import trace_tokens
 
-    model = get_model(path)
+    model = get_model(path, backend)
     tokens = encode_prompt(model, prompt, chat=chat, template=knobs.template)
     rec = trace_tokens(model, tokens, knobs=knobs, capture_vectors=True, top_k=20)
     return get_store().save(Run.from_trace(model, rec, tokens, prompt=prompt, knobs=knobs, label=label or None))

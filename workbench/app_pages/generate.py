@@ -12,13 +12,14 @@ from engine.sampler import SamplingParams
 from engine.session import encode_prompt
 from traces.recorder import TraceRecorder
 from workbench import charts
-from workbench.state import DEFAULT_PROMPT, get_model, knob_controls, model_picker
+from workbench.state import DEFAULT_PROMPT, backend_picker, get_model, knob_controls, model_picker
 
 STD = 2
 
 st.title("Generate")
 with st.sidebar:
     path = model_picker("gen_model")
+    backend = backend_picker("gen_backend")
     knobs = knob_controls("gen_")
 
 prompt = st.text_area("Prompt", DEFAULT_PROMPT, key="gen_prompt", height=120)
@@ -43,7 +44,7 @@ if st.button("Generate", type="primary", key="gen_run"):
                                 max_tokens=int(max_tokens),
                                 stop=tuple(s for s in (x.strip() for x in stop_text.split(",")) if s))
         with st.spinner("Loading the model…"):
-            model = get_model(path)
+            model = get_model(path, backend)
         ids = encode_prompt(model, prompt, chat=chat, template=knobs.template)
     except WorkbenchError as exc:
         st.error(str(exc))
@@ -107,7 +108,7 @@ if out:
         st.subheader("Why this token?")
         i = st.slider("step", 0, len(steps) - 1, 0, key="gen_step") if len(steps) > 1 else 0
         rec = steps[i].record
-        tok = get_model(path).tokenizer
+        tok = get_model(path, backend).tokenizer
         st.write(f"step {i}: chose {tok.token_text(rec.chosen)!r} (id {rec.chosen}) with p = {rec.chosen_prob:.4f}"
                  + (" — greedy" if rec.greedy else ""))
         rows = []

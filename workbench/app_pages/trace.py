@@ -7,7 +7,7 @@ import streamlit as st
 
 from engine.recorder import LAYER_SLOTS
 from workbench import charts
-from workbench.state import DEFAULT_PROMPT, knob_controls, knob_items, model_picker, trace_view
+from workbench.state import DEFAULT_PROMPT, backend_picker, knob_controls, knob_items, model_picker, trace_view
 
 st.title("Trace")
 st.caption("One forward pass with a recorder: per-layer statistics of every slot, where the std grows, "
@@ -15,13 +15,14 @@ st.caption("One forward pass with a recorder: per-layer statistics of every slot
 
 with st.sidebar:
     path = model_picker()
+    backend = backend_picker("trace_backend")
     prompt = st.text_area("Prompt", DEFAULT_PROMPT, key="trace_prompt", height=120)
     chat = st.toggle("Chat template", value=False, key="trace_chat")
     knobs = knob_controls("trace_")
     st.button("Run", type="primary", key="trace_run", width="stretch")
 
 with st.spinner("Tracing (the first run compiles the kernels)…"):
-    view = trace_view(path, prompt, chat, knob_items(knobs))
+    view = trace_view(path, prompt, chat, knob_items(knobs), backend)
 st.session_state["view"] = view
 st.session_state["view_model"] = path
 
@@ -71,5 +72,5 @@ with st.form("trace_save"):
     if st.form_submit_button("Save to the store"):
         from workbench.state import save_live_trace
 
-        run_id = save_live_trace(path, prompt, chat, knobs, label)
+        run_id = save_live_trace(path, prompt, chat, knobs, label, backend)
         st.success(f"Stored as run {run_id} (see the Runs page, or `trace show {run_id}`).")
