@@ -80,6 +80,20 @@ def test_tokenizer_vocab_differs_from_embedding(tiny_path, tmp_path):
     one_line(e.value)
 
 
+@pytest.mark.parametrize("key, value", [
+    ("tokenizer.ggml.tokens", (list(range(512)), GGUFValueType.ARRAY, GGUFValueType.INT32)),
+    ("tokenizer.ggml.token_type", (["1"] * 512, GGUFValueType.ARRAY, GGUFValueType.STRING)),
+    ("tokenizer.ggml.token_type", ([1] * 7, GGUFValueType.ARRAY, GGUFValueType.INT32)),
+    ("tokenizer.ggml.merges", ([1, 2], GGUFValueType.ARRAY, GGUFValueType.INT32)),
+    ("tokenizer.ggml.tokens", ("abc", GGUFValueType.STRING)),
+])
+def test_tokenizer_arrays_of_the_wrong_type_or_length(tiny_path, tmp_path, key, value):
+    bad = rewrite(tiny_path, tmp_path / "tok.gguf", set_kv={key: value})
+    with pytest.raises(WorkbenchError) as e:
+        load_model(bad)
+    assert key in one_line(e.value)
+
+
 def test_truncated_tensor_data(tiny_path, tmp_path):
     data = tiny_path.read_bytes()
     p = tmp_path / "short.gguf"
