@@ -192,7 +192,7 @@ def bench_engine(path: str, *, prompt_tokens: int, gen_tokens: int, threads: int
         start_to_first_token_warm_s=None if start is None else round(start, 2),
         prefill_tok_s=round(prefill, 2), decode_tok_s=round(dec, 2), decode_traced_tok_s=round(traced, 2),
         traced_over_untraced=round(traced / dec, 3), peak_rss_anon_mb=round(mem.peak, 1),
-        machine=machine() if backend == "cpu" else f"{model.backend.device} (GPU); host {machine()}", backend=backend,
+        machine=machine() if backend == "cpu" else f"GPU: {model.backend.device}; host: {machine()}", backend=backend,
         launches_per_token=launches[0] if backend != "cpu" else None)
 
 
