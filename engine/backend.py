@@ -7,8 +7,7 @@ engine/kernels/cpu.py (exactly the code the forward ran before backends existed)
 Arrays a backend hands back are its own (numpy arrays, or device arrays); the forward only reshapes
 them, and `to_host` brings back what the recorder and the sampler read.
 
-Pick a backend where the model is loaded: `load_model(path, backend="cuda")`, or
-`use_backend(model, "cuda")`. Shapes: n = positions, H = hidden, h = heads, hd = head_dim,
+Pick a backend where the model is loaded: `load_model(path, backend="cuda")`. Shapes: n = positions, H = hidden, h = heads, hd = head_dim,
 E = experts, k = experts used per token, F = expert intermediate size.
 """
 
@@ -143,9 +142,3 @@ def create_backend(name: str, model, progress: Callable[[int, int], None] | None
         return CudaBackend(model, progress=progress)
     raise BackendUnavailable(f"unknown backend {name!r}: choose one of {', '.join(BACKENDS)}")
 
-
-def use_backend(model, name: str, progress: Callable[[int, int], None] | None = None):
-    """Run `model` on backend `name` from now on (its KV caches must then come from KVCache.for_model)."""
-    if getattr(model.backend, "name", None) != name:
-        model.backend = create_backend(name, model, progress)
-    return model
