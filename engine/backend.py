@@ -7,8 +7,9 @@ engine/kernels/cpu.py (exactly the code the forward ran before backends existed)
 Arrays a backend hands back are its own (numpy arrays, or device arrays); the forward only reshapes
 them, and `to_host` brings back what the recorder and the sampler read.
 
-Pick a backend where the model is loaded: `load_model(path, backend="cuda")`. Shapes: n = positions, H = hidden, h = heads, hd = head_dim,
-E = experts, k = experts used per token, F = expert intermediate size.
+Pick a backend where the model is loaded: `load_model(path, backend="cuda")`.
+Shapes: n = positions, H = hidden, h = heads, hd = head_dim, E = experts, k = experts used per token,
+F = expert intermediate size.
 """
 
 from __future__ import annotations
