@@ -280,9 +280,13 @@ def bench_llama_cpp(path: str, *, prompt_tokens: int, gen_tokens: int, threads: 
         llm.eval(prompt)
         prefill = prompt_tokens / (time.perf_counter() - t0)
         t0 = time.perf_counter()
+        n_vocab = llm.n_vocab()
+
+        def last_logits() -> np.ndarray:  # llama-cpp-python keeps no scores without logits_all
+            return np.ctypeslib.as_array(llm._ctx.get_logits_ith(-1), shape=(n_vocab,))
+
         for _ in range(gen_tokens):
-            tok = int(np.argmax(llm.scores[llm.n_tokens - 1]))
-            llm.eval([tok])
+            llm.eval([int(np.argmax(last_logits()))])
         decode = gen_tokens / (time.perf_counter() - t0)
     import llama_cpp
 
