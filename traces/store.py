@@ -352,8 +352,16 @@ class Run:
             probs=np.array([[_nan(t["prob"]) for t in top]], dtype=np.float32),
             texts=[[t.get("text") for t in top]],
         )
+        texts = p.get("token_texts")
+        if texts is not None and len(texts) != len(tokens):
+            raise StoreError(f"the payload has {len(texts)} token_texts for {len(tokens)} encoded_tokens")
         router = None
         rl = sorted(p.get("router") or [], key=lambda r: r["layer_idx"])
+        for r in rl:  # the pages index token texts by these positions
+            bad = [q["position"] for q in r["positions"] if not 0 <= int(q["position"]) < len(tokens)]
+            if bad or len(r["positions"]) > len(tokens):
+                raise StoreError(f"router layer {r['layer_idx']} has {len(r['positions'])} positions for "
+                                 f"{len(tokens)} tokens" + (f" (position {bad[0]} is out of range)" if bad else ""))
         if rl and rl[0]["positions"]:
             router = RouterData(
                 positions=np.array([q["position"] for q in rl[0]["positions"]], dtype=np.int32),

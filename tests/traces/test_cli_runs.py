@@ -165,7 +165,10 @@ def test_bad_input_is_one_line_and_exit_1(stored, tiny_path, tmp_path, args, mes
     notjson.write_text("{nope")
     run = Store(stored["root"]).load("before")
     payload = run.to_payload(5)
-    payload["encoded_tokens"] = payload["encoded_tokens"][:-1]
+    payload["encoded_tokens"] = payload["encoded_tokens"][:-1]  # a self-consistent shorter trace
+    payload["token_texts"] = payload["token_texts"][:-1]
+    for layer in payload["router"]:
+        layer["positions"] = layer["positions"][:-1]
     shorter = tmp_path / "shorter.json"
     shorter.write_text(json.dumps(Run.from_payload(payload).to_payload(5)))
     args = [a.format(notjson=notjson, shorter=shorter, model=tiny_path) for a in args]

@@ -182,7 +182,8 @@ INCONSISTENT = {  # schema-valid payloads whose parts disagree: an error or a di
     "ragged-router-positions": (_set(("router", 0, "positions", 1), _POP), True),
     "config-layers-disagree": (_set(("config", "n_layers"), 9), True),
     "fewer-tokens": (_set(("encoded_tokens", 0), _POP), True),
-    "fewer-token-texts": (_set(("token_texts", 0), _POP), False),
+    "fewer-token-texts": (_set(("token_texts", 0), _POP), True),  # the Router page indexed past its end
+    "router-position-out-of-range": (_set(("router", 0, "positions", 0, "position"), 99), True),
     "fewer-layers": (_set(("layers", 3), _POP), False),
     "layer-index-huge": (_set(("layers", 1, "layer_idx"), 10**9), False),
     "router-layer-missing": (_set(("router", 1), _POP), False),
