@@ -16,6 +16,9 @@ from __future__ import annotations
 
 import numpy as np
 
+# The statistics reduced per slot and position, in this order (the kernels' backend computes them)
+STAT_FIELDS = ("count", "mean", "std_dev", "min", "max", "l2_norm", "abs_max", "nan_count", "inf_count",
+               "zero_count")
 LAYER_SLOTS = ("attn_norm", "qkv", "attn_out", "ffn_norm", "ffn_out", "output")
 MODEL_SLOTS = ("embedding", "final_norm")
 

@@ -22,8 +22,7 @@ from pathlib import Path
 import click
 import numpy as np
 
-from engine.kernels import STAT_FIELDS
-from engine.recorder import LAYER_SLOTS
+from engine.recorder import LAYER_SLOTS, STAT_FIELDS
 
 from . import progress
 from .cli import (backend_option, check_prompt_options, knob_options, load, main, make_knobs, prompt_options,

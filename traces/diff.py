@@ -43,7 +43,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from engine.errors import WorkbenchError
-from engine.kernels import STAT_FIELDS
+from engine.recorder import STAT_FIELDS
 
 from .store import Run, changed_knobs, forward_order
 

@@ -20,8 +20,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from engine.kernels import STAT_FIELDS
-from engine.recorder import LAYER_SLOTS
+from engine.recorder import LAYER_SLOTS, STAT_FIELDS
 
 from .recorder import TraceRecorder
 

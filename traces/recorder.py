@@ -17,8 +17,22 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from engine.kernels import activation_stats
 from engine.recorder import Recorder
+
+
+def top_ids(row: np.ndarray, k: int) -> np.ndarray:
+    """The k largest entries' ids, largest first, ties by lower id (as a stable descending argsort, which
+    would sort the whole 151,936-entry vocabulary every decode step)."""
+    if k >= row.shape[0]:
+        return np.argsort(-row, kind="stable")
+    part = np.argpartition(-row, k - 1)[:k]
+    kth = row[part].min()
+    if not np.isfinite(kth):  # NaN or Inf at the boundary (a broken model): the plain stable sort
+        return np.argsort(-row, kind="stable")[:k]
+    # every id tied with the k-th value competes on its id, as in the stable sort
+    cand = np.union1d(part[row[part] > kth], np.flatnonzero(row == kth))
+    order = np.lexsort((cand, -row[cand]))
+    return cand[order][:k]
 
 
 @dataclass
@@ -67,9 +81,11 @@ class TraceRecorder(Recorder):
         r["expert_weights"].append(np.array(expert_weights, dtype=np.float32))
 
     def logits(self, positions, logits):
+        from engine.kernels import activation_stats  # here: `trace ls` and friends need no Numba
+
         k = min(self.top_k, logits.shape[-1])
         for pos, row in zip(positions, logits):
-            top = np.argsort(-row, kind="stable")[:k]
+            top = top_ids(row, k)
             finite = row[np.isfinite(row)]
             if finite.size:
                 e = np.exp((row - finite.max()).astype(np.float64))

@@ -42,8 +42,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from engine.errors import WorkbenchError
-from engine.kernels import STAT_FIELDS, activation_stats
-from engine.recorder import LAYER_SLOTS
+from engine.recorder import LAYER_SLOTS, STAT_FIELDS
 
 from .payload import FORMAT_PREFIX, INT_FIELDS, SCHEMA_VERSION, router_entropy, stats_from_json, stats_to_json
 
@@ -299,6 +298,7 @@ class Run:
         router logits and its own selection.
         """
         from engine.config import Knobs
+        from engine.kernels import activation_stats
         from engine.ops import softmax
 
         from .recorder import TraceRecorder

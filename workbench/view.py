@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from engine.kernels import STAT_FIELDS
+from engine.recorder import STAT_FIELDS
 from engine.recorder import LAYER_SLOTS
 
 STD = STAT_FIELDS.index("std_dev")

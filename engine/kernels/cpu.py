@@ -38,8 +38,7 @@ from numba.extending import intrinsic
 from ..errors import UnsupportedTypeError
 from ..quants import QK_K, QT, block_layout, readable, type_name
 
-STAT_FIELDS = ("count", "mean", "std_dev", "min", "max", "l2_norm", "abs_max", "nan_count", "inf_count",
-               "zero_count")
+from ..recorder import STAT_FIELDS  # noqa: E402  (re-exported: engine.kernels.STAT_FIELDS)
 
 ROW_CHUNK = 16  # rows per work item: their tiles (16 KiB) and an input tile stay in L1
 TILE = QK_K  # elements dequantized at a time: one K-quant block, 8 Q8_0 blocks; the last tile may be shorter
