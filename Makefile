@@ -43,7 +43,7 @@ test: $(STAMP) browser
 	NUMBA_BOUNDSCHECK=1 NUMBA_CACHE_DIR=$(BOUNDSCHECK_CACHE) $(PY) -m pytest -q -p no:cacheprovider tests/engine/test_kernels.py
 
 app: $(APP_STAMP)
-	$(PY) -m streamlit run workbench/app.py --server.port $(PORT)
+	$(PY) -m streamlit run workbench/app.py --server.address 127.0.0.1 --server.port $(PORT)
 
 clean:
 	rm -rf .venv .pytest_cache test-artifacts
