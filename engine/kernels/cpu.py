@@ -589,8 +589,7 @@ def dequantize_rows(qtype: int, w: np.ndarray, cols: int) -> np.ndarray:
 
 # ---------------------------------------------------------------------------------------------
 # activation statistics, reduced where the data is
-@njit(cache=True, parallel=True)
-def _stats_rows(x, out):  # x f32 (n, d); out f64 (n, 10) in STAT_FIELDS order
+def _stats_rows_py(x, out):  # x f32 (n, d); out f64 (n, 10) in STAT_FIELDS order
     for i in prange(x.shape[0]):
         n = 0
         nan = 0
@@ -631,6 +630,13 @@ def _stats_rows(x, out):  # x f32 (n, d); out f64 (n, 10) in STAT_FIELDS order
         out[i, 9] = zero
 
 
+# Rows are independent, so both give the same bits; waking the thread pool costs more than a decode
+# step's few rows (0.2 ms a call), so small inputs take the serial one.
+_stats_rows = njit(cache=True, parallel=True)(_stats_rows_py)
+_stats_rows_serial = njit(cache=True)(_stats_rows_py)
+STATS_PARALLEL_MIN = 1 << 16  # elements
+
+
 def activation_stats(x: np.ndarray) -> np.ndarray:
     """float64 (10,) for x (d,), or (n, 10) for x (n, d), in STAT_FIELDS order.
 
@@ -642,5 +648,5 @@ def activation_stats(x: np.ndarray) -> np.ndarray:
         raise ValueError(f"activation_stats takes (d,) or (n, d), got {x.shape}")
     x2 = _readonly(np.ascontiguousarray(x.reshape(1, -1) if x.ndim == 1 else x, dtype=np.float32))
     out = np.empty((x2.shape[0], len(STAT_FIELDS)), np.float64)
-    _stats_rows(x2, out)
+    (_stats_rows if x2.size >= STATS_PARALLEL_MIN and x2.shape[0] > 1 else _stats_rows_serial)(x2, out)
     return out[0] if x.ndim == 1 else out

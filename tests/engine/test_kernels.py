@@ -266,3 +266,12 @@ def test_activation_stats_match_numpy_over_finite_values():
     assert got[3, 9] == 11 and got[4, 2] == 0.0 and np.isnan(got[5, 1:7]).all()
     one = K.activation_stats(x[0])
     assert one.shape == (10,) and np.array_equal(one, got[0])
+
+
+def test_activation_stats_serial_and_parallel_paths_agree_bit_for_bit():
+    x = np.random.default_rng(12).standard_normal((40, cpu.STATS_PARALLEL_MIN // 20)).astype(np.float32)
+    x[3, 5] = np.nan
+    assert x.size >= cpu.STATS_PARALLEL_MIN  # the whole array takes the parallel kernel, single rows the serial one
+    whole = K.activation_stats(x)
+    rows = np.stack([K.activation_stats(r) for r in x])
+    assert np.array_equal(whole, rows, equal_nan=True)
