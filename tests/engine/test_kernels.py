@@ -72,7 +72,7 @@ def cols_for(qt, variant):
 @pytest.mark.parametrize("qt", FAST_TYPES, ids=name)
 @pytest.mark.parametrize("rows", [1, 3, 17, 33])
 @pytest.mark.parametrize("variant", [0, 1, 2])
-def test_matmul_matches_gguf_and_each_row_is_the_matvec_bit_for_bit(qt, rows, variant):
+def test_matmul_matches_gguf_and_each_row_is_the_matvec(qt, rows, variant):
     rng = np.random.default_rng(1000 * rows + 10 * variant + int(qt))
     cols = cols_for(qt, variant)
     raw = random_weights(qt, (rows,), cols, rng)
@@ -80,10 +80,16 @@ def test_matmul_matches_gguf_and_each_row_is_the_matvec_bit_for_bit(qt, rows, va
     out = np.full((5, rows), np.nan, np.float32)
     K.matmul(qt, raw, x, out)
     assert_dot_close(out, oracle(qt, raw), x)
-    for t in range(5):  # prefill == decode: the KV-cache test relies on it
+    w = oracle(qt, raw)
+    for t in range(5):  # prefill == decode: bit for bit, except where decode has its own single-token kernel
         one = np.full(rows, np.nan, np.float32)
         K.matvec(qt, raw, x[t], one)
-        assert same_bits(one, out[t])
+        if qt in cpu._VEC:
+            assert_dot_close(one[None], w, x[t][None])
+            mag = np.abs(x[t]).astype(np.float64) @ np.abs(w).astype(np.float64).T
+            assert np.all(np.abs(out[t].astype(np.float64) - one) <= 2e-5 * mag + 1e-30)  # and with the batch row
+        else:
+            assert same_bits(one, out[t])
     again = np.empty_like(out)
     K.matmul(qt, raw, x[::-1].copy(), again)  # another batch order: same bits per token
     assert same_bits(again[::-1].copy(), out)
@@ -111,7 +117,10 @@ def test_expert_matmul_matches_each_experts_matvec(qt, n, per_slot):
             assert_dot_close(out[t, j][None], w[sel[t, j]], xin[None])
             single = np.empty(rows, np.float32)
             K.matvec(qt, np.ascontiguousarray(raw[sel[t, j]]), xin, single)
-            assert same_bits(single, out[t, j])
+            if qt in cpu._VEC and n > 1:  # a batch takes the tiled kernel, a single token its own
+                assert_dot_close(single[None], w[sel[t, j]], xin[None])
+            else:
+                assert same_bits(single, out[t, j])
 
 
 @pytest.mark.parametrize("qt", FAST_TYPES + SLOW_TYPES, ids=name)
