@@ -55,8 +55,8 @@ def router_entropy(probs: np.ndarray) -> np.ndarray:
 
 
 def build_payload(model, recorder: TraceRecorder, tokens: Sequence[int], *, prompt: str | None, knobs,
-                  top_k: int = 5, backend: str = "cpu") -> dict:
-    """Assemble the payload of one traced forward over `tokens`."""
+                  top_k: int = 5, backend: str | None = None) -> dict:
+    """Assemble the payload of one traced forward over `tokens`; `backend` defaults to the model's."""
     from engine import __version__
 
     cfg = model.config
@@ -106,7 +106,8 @@ def build_payload(model, recorder: TraceRecorder, tokens: Sequence[int], *, prom
         "logits": {"vocab_size": cfg.vocab_size, "l2_norm": _num(lr.stats[STAT_FIELDS.index("l2_norm")]),
                    "top_k": top},
         "schema_version": SCHEMA_VERSION,
-        "engine": {"name": "moe-workbench", "version": __version__, "backend": backend},
+        "engine": {"name": "moe-workbench", "version": __version__,
+                   "backend": backend or getattr(model.backend, "name", "cpu")},
         "model": {"path": str(model.path), "name": model.name, "file_size": model.file_size},
         "config": cfg.to_dict(),
         "knobs": knobs.to_dict(),

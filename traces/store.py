@@ -212,7 +212,7 @@ class Run:
     # -- construction -----------------------------------------------------------------------------
     @classmethod
     def from_trace(cls, model, recorder, tokens: Sequence[int], *, prompt: str | None, knobs, label: str | None = None,
-                   source: str = "engine", backend: str = "cpu", router_probs: bool | None = None,
+                   source: str = "engine", backend: str | None = None, router_probs: bool | None = None,
                    extra_versions: Sequence[str] = ()) -> "Run":
         """A run from a traces.recorder.TraceRecorder filled by one forward over `tokens`.
 
@@ -273,7 +273,8 @@ class Run:
             "model": {"path": str(model.path), "name": model.name, "file_size": int(model.file_size),
                       "fingerprint": fingerprint(model.path),
                       "architecture": model.metadata.get("general.architecture")},
-            "engine": {"name": "moe-workbench", "version": __version__, "backend": backend},
+            "engine": {"name": "moe-workbench", "version": __version__,
+                       "backend": backend or getattr(model.backend, "name", "cpu")},
             "config": cfg.to_dict(),
             "knobs": knobs.to_dict(),
             "prompt": prompt,

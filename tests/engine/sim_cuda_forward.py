@@ -152,3 +152,12 @@ def test_recorded_slots_are_host_arrays(small_pair):
         for slot in LAYER_SLOTS:
             assert isinstance(rec.stats(layer, slot), np.ndarray) and isinstance(rec.vectors(layer, slot), np.ndarray)
         assert rec.router_array(layer, "selected_experts").dtype == np.int32
+    # payloads and stored runs say which backend computed them
+    from traces.payload import build_payload
+    from traces.store import Run
+
+    cpu, _ = small_pair
+    assert build_payload(gpu, rec, PROMPT[:1], prompt=None, knobs=Knobs())["engine"]["backend"] == "cuda"
+    assert Run.from_trace(gpu, rec, PROMPT[:1], prompt=None, knobs=Knobs()).meta["engine"]["backend"] == "cuda"
+    cpu_rec = trace_tokens(cpu, PROMPT[:1])
+    assert build_payload(cpu, cpu_rec, PROMPT[:1], prompt=None, knobs=Knobs())["engine"]["backend"] == "cpu"
