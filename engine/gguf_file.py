@@ -193,6 +193,14 @@ class _Cursor:
         self.pos = pos
         return out if build else None
 
+    def name(self, what: str, kind: str) -> str:
+        """A key or a tensor name (`kind`): a length-prefixed string that must be UTF-8."""
+        raw = self.string(f"{what}: {kind}")
+        try:
+            return raw.decode("utf-8")
+        except UnicodeDecodeError:
+            raise self.fail(f"{what}: {kind} {_short(raw)} is not valid UTF-8") from None
+
     def _text(self, data: bytes, what: str) -> str:
         try:
             return data.decode("utf-8")
@@ -274,11 +282,7 @@ def _scan(buf, size: int, version: int, path: Path, values: bool = False) -> Hea
     keys: dict[str, int] = {}
     metadata: dict = {}
     for i in range(n_kv):
-        raw_key = cur.string(f"kv {i}: key")
-        try:
-            key = raw_key.decode("utf-8")
-        except UnicodeDecodeError:
-            raise cur.fail(f"kv {i}: key {_short(raw_key)} is not valid UTF-8") from None
+        key = cur.name(f"kv {i}", "key")
         what = f"kv {i} {_short(key)}"
         if key in keys:
             raise cur.fail(f"duplicate key {_short(key)} (kv {keys[key]} and kv {i})")
@@ -301,11 +305,7 @@ def _scan(buf, size: int, version: int, path: Path, values: bool = False) -> Hea
     entries: list[TensorEntry] = []
     names: dict[str, int] = {}
     for i in range(n_tensors):
-        raw_name = cur.string(f"tensor {i}: name")
-        try:
-            name = raw_name.decode("utf-8")
-        except UnicodeDecodeError:
-            raise cur.fail(f"tensor {i}: name {_short(raw_name)} is not valid UTF-8") from None
+        name = cur.name(f"tensor {i}", "name")
         what = f"tensor {i} {_short(name)}"
         if name in names:
             raise cur.fail(f"duplicate tensor name {_short(name)} (tensors {names[name]} and {i})")

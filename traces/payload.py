@@ -54,11 +54,16 @@ def router_entropy(probs: np.ndarray) -> np.ndarray:
     return -(p * np.log(p)).sum(axis=-1)
 
 
+def engine_info(model, backend: str | None = None) -> dict:
+    """Which engine computed a trace: name, version, backend (default: the model's)."""
+    from engine import __version__
+
+    return {"name": "moe-workbench", "version": __version__, "backend": backend or getattr(model.backend, "name", "cpu")}
+
+
 def build_payload(model, recorder: TraceRecorder, tokens: Sequence[int], *, prompt: str | None, knobs,
                   top_k: int = 5, backend: str | None = None) -> dict:
     """Assemble the payload of one traced forward over `tokens`; `backend` defaults to the model's."""
-    from engine import __version__
-
     cfg = model.config
     tok = model.tokenizer
     last = -1
@@ -106,8 +111,7 @@ def build_payload(model, recorder: TraceRecorder, tokens: Sequence[int], *, prom
         "logits": {"vocab_size": cfg.vocab_size, "l2_norm": _num(lr.stats[STAT_FIELDS.index("l2_norm")]),
                    "top_k": top},
         "schema_version": SCHEMA_VERSION,
-        "engine": {"name": "moe-workbench", "version": __version__,
-                   "backend": backend or getattr(model.backend, "name", "cpu")},
+        "engine": engine_info(model, backend),
         "model": {"path": str(model.path), "name": model.name, "file_size": model.file_size},
         "config": cfg.to_dict(),
         "knobs": knobs.to_dict(),

@@ -44,7 +44,8 @@ import pyarrow.parquet as pq
 from engine.errors import WorkbenchError
 from engine.recorder import LAYER_SLOTS, STAT_FIELDS
 
-from .payload import FORMAT_PREFIX, INT_FIELDS, SCHEMA_VERSION, router_entropy, stats_from_json, stats_to_json
+from .payload import (FORMAT_PREFIX, INT_FIELDS, SCHEMA_VERSION, engine_info, router_entropy, stats_from_json,
+                      stats_to_json)
 
 STORE_SCHEMA_VERSION = 1
 MODEL_SLOTS_BEFORE = ("embedding",)
@@ -218,8 +219,6 @@ class Run:
 
         router_probs: keep the full router softmax (None: when the model has <= ROUTER_PROBS_MAX_EXPERTS).
         """
-        from engine import __version__
-
         cfg = model.config
         rec = recorder
         tok = model.tokenizer
@@ -273,8 +272,7 @@ class Run:
             "model": {"path": str(model.path), "name": model.name, "file_size": int(model.file_size),
                       "fingerprint": fingerprint(model.path),
                       "architecture": model.metadata.get("general.architecture")},
-            "engine": {"name": "moe-workbench", "version": __version__,
-                       "backend": backend or getattr(model.backend, "name", "cpu")},
+            "engine": engine_info(model, backend),
             "config": cfg.to_dict(),
             "knobs": knobs.to_dict(),
             "prompt": prompt,

@@ -78,33 +78,32 @@ SIMULATOR = Geometry(lanes=1, rows=8, tok_tile=4, row_threads=4, elem_threads=32
 # ---------------------------------------------------------------------------------------------
 # scalar decoders (integer arithmetic and ldexp: exact, and the same in the simulator)
 @cuda.jit(device=True, inline=True)
-def f16_to_f32(h):
-    """IEEE half given as its 16 bits (an integer) -> float32, subnormals, inf and nan included."""
+def _float16bits(h, mbits, bias):
+    """A 16-bit float with a sign, 15 - mbits exponent bits (bias `bias`) and mbits mantissa bits, given as
+    an integer -> float32: subnormals, inf and nan included."""
     h = np.int32(h)
-    e = (h >> 10) & 0x1F
-    m = h & 0x3FF
+    emax = (1 << (15 - mbits)) - 1
+    e = (h >> mbits) & emax
+    m = h & ((1 << mbits) - 1)
     if e == 0:
-        v = np.float32(math.ldexp(np.float32(m), -24))
-    elif e == 31:
+        v = np.float32(math.ldexp(np.float32(m), 1 - bias - mbits))
+    elif e == emax:
         v = np.float32(math.inf) if m == 0 else np.float32(math.nan)
     else:
-        v = np.float32(math.ldexp(np.float32(m + 1024), int(e) - 25))
+        v = np.float32(math.ldexp(np.float32(m + (1 << mbits)), int(e) - bias - mbits))
     return -v if h & 0x8000 else v
+
+
+@cuda.jit(device=True, inline=True)
+def f16_to_f32(h):
+    """IEEE half given as its 16 bits (an integer) -> float32."""
+    return _float16bits(h, 10, 15)
 
 
 @cuda.jit(device=True, inline=True)
 def bf16_to_f32(h):
     """bfloat16 given as its 16 bits -> float32 (the upper half of a float32)."""
-    h = np.int32(h)
-    e = (h >> 7) & 0xFF
-    m = h & 0x7F
-    if e == 0:
-        v = np.float32(math.ldexp(np.float32(m), -133))
-    elif e == 255:
-        v = np.float32(math.inf) if m == 0 else np.float32(math.nan)
-    else:
-        v = np.float32(math.ldexp(np.float32(m + 128), int(e) - 134))
-    return -v if h & 0x8000 else v
+    return _float16bits(h, 7, 127)
 
 
 @cuda.jit(device=True, inline=True)
