@@ -242,7 +242,7 @@ def profile_decode(path: str, *, prompt_tokens: int, gen_tokens: int, threads: i
     model = load_model(path, with_tokenizer=False)
     rng = np.random.default_rng(0)
     prompt = rng.integers(0, min(model.config.vocab_size, 30000), size=prompt_tokens)
-    cache = KVCache(model.config, prompt_tokens + gen_tokens + 1)
+    cache = KVCache.for_model(model, prompt_tokens + gen_tokens + 1)
     logits = forward(model, prompt, cache)
     with OpTimer(model) as timer:
         t = time.perf_counter()
