@@ -7,7 +7,10 @@ engine/kernels/cpu.py (exactly the code the forward ran before backends existed)
 Arrays a backend hands back are its own (numpy arrays, or device arrays); the forward only reshapes
 them, and `to_host` brings back what the recorder and the sampler read.
 
-Pick a backend where the model is loaded: `load_model(path, backend="cuda")`.
+Pick a backend where the model is loaded: `load_model(path, backend="cuda")`. `cpu-q8` is the CPU
+backend with one difference: single-token products through Q4_K/Q6_K weights quantize their input to
+8 bits (engine/kernels/cpu_q8.py), an explicit fast mode that rounds like llama.cpp rather than like the
+float32 reference.
 Shapes: n = positions, H = hidden, h = heads, hd = head_dim, E = experts, k = experts used per token,
 F = expert intermediate size.
 """
@@ -19,10 +22,9 @@ from collections.abc import Callable
 import numpy as np
 
 from . import ops
+from .config import BACKENDS
 from .errors import WorkbenchError
 from .kernels import activation_stats, expert_matmul, get_rows, matmul
-
-BACKENDS = ("cpu", "cuda")
 
 
 class BackendUnavailable(WorkbenchError):
@@ -34,6 +36,7 @@ class CpuBackend:
 
     name = "cpu"
     launches = 0  # kernel launches so far; the CPU backend does not count them
+    q8 = False  # 8-bit inputs for single-token products (CpuQ8Backend)
 
     # -- host transfer and the KV cache's storage ----------------------------------------------
     def to_host(self, a) -> np.ndarray:
@@ -64,7 +67,7 @@ class CpuBackend:
     def linear(self, w, x: np.ndarray) -> np.ndarray:
         """x: (n, in) f32 -> (n, out) f32 = x @ W^T, reading W's quantized rows in place."""
         out = np.empty((x.shape[0], w.shape[0]), dtype=np.float32)
-        matmul(w.qtype, w.raw, np.ascontiguousarray(x), out)
+        matmul(w.qtype, w.raw, np.ascontiguousarray(x), out, q8=self.q8)
         return out
 
     def rope_tables(self, positions: np.ndarray, head_dim: int, theta: float):
@@ -100,7 +103,7 @@ class CpuBackend:
         if x.ndim == 2:
             x = x[:, None, :]
         out = np.empty((x.shape[0], selected.shape[1], w.shape[1]), dtype=np.float32)
-        expert_matmul(w.qtype, w.raw, selected, np.ascontiguousarray(x), out)
+        expert_matmul(w.qtype, w.raw, selected, np.ascontiguousarray(x), out, q8=self.q8)
         return out
 
     def swiglu(self, gate: np.ndarray, up: np.ndarray) -> np.ndarray:
@@ -126,17 +129,43 @@ class CpuBackend:
         return activation_stats(x)
 
 
+class CpuQ8Backend(CpuBackend):
+    """The CPU backend with 8-bit activations in single-token Q4_K/Q6_K products (decode steps)."""
+
+    name = "cpu-q8"
+    q8 = True
+
+
 CPU = CpuBackend()
+CPU_Q8 = CpuQ8Backend()
+
+
+def check_available(name: str) -> None:
+    """BackendUnavailable (one line) when backend `name` cannot run on this machine."""
+    if name == "cpu-q8":
+        from .kernels.cpu_q8 import unavailable
+
+        if (why := unavailable()) is not None:
+            raise BackendUnavailable(why)
+    elif name == "cuda":
+        from .cuda_backend import CudaBackend
+
+        CudaBackend(None)
+    elif name != "cpu":
+        raise BackendUnavailable(f"unknown backend {name!r}: choose one of {', '.join(BACKENDS)}")
 
 
 def create_backend(name: str, model, progress: Callable[[int, int], None] | None = None):
-    """The backend `name` ('cpu' or 'cuda') for `model`; the CUDA one copies the weights to the GPU.
+    """The backend `name` (one of BACKENDS) for `model`; the CUDA one copies the weights to the GPU.
 
     progress(done_bytes, total_bytes) is called as tensors are copied. BackendUnavailable with a one-line
     message when numba-cuda is not installed or no GPU can be used.
     """
     if name == "cpu":
         return CPU
+    if name == "cpu-q8":
+        check_available(name)
+        return CPU_Q8
     if name == "cuda":
         from .cuda_backend import CudaBackend
 

@@ -17,6 +17,12 @@ DEFAULT_RMS_EPS = 1e-6
 
 TEMPLATE_CHOICES = ("auto", "chatml", "qwen3-nothink", "raw")
 
+# Where the one forward pass runs (engine/backend.py): float32 on the CPU, the CPU with 8-bit activations
+# for single-token products (an explicit fast mode, engine/kernels/cpu_q8.py), or an NVIDIA GPU.
+BACKENDS = ("cpu", "cpu-q8", "cuda")
+BACKEND_HELP = ("Where the forward runs: the CPU (Numba, float32), the CPU with 8-bit activations for decode "
+                "steps (cpu-q8: faster, llama.cpp-like rounding), or an NVIDIA GPU (numba-cuda).")
+
 
 @dataclass(frozen=True)
 class Knobs:

@@ -112,7 +112,7 @@ def _expect(f: GGUFFile, name: str, shape: tuple[int, ...]) -> TensorInfo:
 
 def load_model(path: str | os.PathLike, *, with_tokenizer: bool = True, backend: str = "cpu",
                progress=None) -> Model:
-    """Open, validate and map a qwen3_moe GGUF file, to run on `backend` ('cpu' or 'cuda').
+    """Open, validate and map a qwen3_moe GGUF file, to run on `backend` (one of engine.config.BACKENDS: 'cpu', 'cpu-q8', 'cuda').
 
     With 'cuda' the quantized blocks are copied to the GPU once, as they are in the file;
     progress(done_bytes, total_bytes) follows the copy. BackendUnavailable when the backend cannot run here.

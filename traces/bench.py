@@ -71,6 +71,7 @@ class BenchResult:
     decode_tok_s: float
     decode_traced_tok_s: float
     traced_over_untraced: float
+    decode_q8_tok_s: float | None  # the cpu-q8 backend (8-bit activations), beside a cpu run; None elsewhere
     peak_rss_anon_mb: float
     machine: str
     backend: str = "cpu"
@@ -100,10 +101,20 @@ print(t2 - t1, t2 - t0)
 
 def check_backend(backend: str) -> None:
     """BackendUnavailable (one line) when `backend` cannot run on this machine."""
-    if backend == "cuda":
-        from engine.cuda_backend import CudaBackend
+    from engine.backend import check_available
 
-        CudaBackend(None)
+    check_available(backend)
+
+
+def check_backend_problem(backend: str) -> str | None:
+    """Why `backend` cannot run here (one line), or None."""
+    from engine.backend import BackendUnavailable
+
+    try:
+        check_backend(backend)
+    except BackendUnavailable as exc:
+        return str(exc)
+    return None
 
 
 def first_call_seconds(path: str, cache_dir: str, backend: str = "cpu") -> tuple[float, float]:
@@ -168,7 +179,7 @@ def bench_engine(path: str, *, prompt_tokens: int, gen_tokens: int, threads: int
 
         launches = []
 
-        def decode(recorder=None) -> float:
+        def decode(recorder=None, model=model) -> float:
             c = KVCache.for_model(model, prompt_tokens + gen_tokens + 1)
             lg = forward(model, prompt, c)
             kwargs = {"recorder": recorder} if recorder is not None else {}
@@ -185,15 +196,23 @@ def bench_engine(path: str, *, prompt_tokens: int, gen_tokens: int, threads: int
         dec = decode()
         traced = decode(TraceRecorder(top_k=5))
         del logits
+        q8 = None
+        if backend == "cpu" and check_backend_problem("cpu-q8") is None:
+            if progress:
+                progress(f"decode of {gen_tokens} tokens with 8-bit activations (the cpu-q8 backend)")
+            q8_model = load_model(path, with_tokenizer=False, backend="cpu-q8")
+            forward(q8_model, prompt[:1], KVCache.for_model(q8_model, 2))  # its kernels compile outside the timing
+            q8 = decode(model=q8_model)
     return BenchResult(
         model=Path(path).name, file_gb=round(Path(path).stat().st_size / 1e9, 3), threads=threads,
         prompt_tokens=prompt_tokens, gen_tokens=gen_tokens, load_s=round(load_s, 3),
         compile_cold_s=None if cold is None else round(cold, 2), compile_warm_s=None if warm is None else round(warm, 2),
         start_to_first_token_warm_s=None if start is None else round(start, 2),
         prefill_tok_s=round(prefill, 2), decode_tok_s=round(dec, 2), decode_traced_tok_s=round(traced, 2),
-        traced_over_untraced=round(traced / dec, 3), peak_rss_anon_mb=round(mem.peak, 1),
-        machine=machine() if backend == "cpu" else f"GPU: {model.backend.device}; host: {machine()}", backend=backend,
-        launches_per_token=launches[0] if backend != "cpu" else None)
+        traced_over_untraced=round(traced / dec, 3), decode_q8_tok_s=None if q8 is None else round(q8, 2),
+        peak_rss_anon_mb=round(mem.peak, 1),
+        machine=f"GPU: {model.backend.device}; host: {machine()}" if backend == "cuda" else machine(), backend=backend,
+        launches_per_token=launches[0] if backend == "cuda" else None)
 
 
 class OpTimer:
@@ -229,7 +248,7 @@ class OpTimer:
             self.backend.__dict__.pop(n, None)
 
 
-def profile_decode(path: str, *, prompt_tokens: int, gen_tokens: int, threads: int) -> dict:
+def profile_decode(path: str, *, prompt_tokens: int, gen_tokens: int, threads: int, backend: str = "cpu") -> dict:
     """Milliseconds per token in each backend operation, for greedy decode after a prompt; plus the total
     and the share outside the backend's operations (Python, the recorder, the cache)."""
     import numba
@@ -239,7 +258,7 @@ def profile_decode(path: str, *, prompt_tokens: int, gen_tokens: int, threads: i
     from engine.model import load_model
 
     numba.set_num_threads(threads)
-    model = load_model(path, with_tokenizer=False)
+    model = load_model(path, with_tokenizer=False, backend=backend)
     rng = np.random.default_rng(0)
     prompt = rng.integers(0, min(model.config.vocab_size, 30000), size=prompt_tokens)
     cache = KVCache.for_model(model, prompt_tokens + gen_tokens + 1)
@@ -300,6 +319,8 @@ def with_peer(result: BenchResult, peer: dict | None) -> BenchResult:
         result.ratios = {"prefill": round(result.prefill_tok_s / peer["prefill_tok_s"], 3),
                          "decode": round(result.decode_tok_s / peer["decode_tok_s"], 3),
                          "decode_traced": round(result.decode_traced_tok_s / peer["decode_tok_s"], 3)}
+        if result.decode_q8_tok_s is not None:
+            result.ratios["decode_q8"] = round(result.decode_q8_tok_s / peer["decode_tok_s"], 3)
     return result
 
 
@@ -314,17 +335,22 @@ def markdown(r: BenchResult) -> str:
             ("start to first token s, warm cache (imports, load, first forward)", r.start_to_first_token_warm_s, None),
             (f"prefill tok/s ({r.prompt_tokens} tokens)", r.prefill_tok_s, p.get("prefill_tok_s")),
             ("decode tok/s", r.decode_tok_s, p.get("decode_tok_s")),
+            ("decode tok/s, 8-bit activations (`--backend cpu-q8`)", r.decode_q8_tok_s, p.get("decode_tok_s")),
             ("traced decode tok/s", r.decode_traced_tok_s, None),
             ("traced ÷ untraced decode", r.traced_over_untraced, None),
             ("kernel launches per decoded token", r.launches_per_token, None),
             ("peak anonymous memory MB", r.peak_rss_anon_mb, p.get("peak_rss_anon_mb"))]
     peer_name = p.get("engine", "llama.cpp (not installed: `pip install '.[peers]'`)")
-    where = f"{r.threads} threads" if r.backend == "cpu" else f"backend {r.backend}"
+    where = (f"backend {r.backend}" if r.backend == "cuda"
+             else f"{r.threads} threads" + ("" if r.backend == "cpu" else f", backend {r.backend}"))
     out = [f"`trace bench {r.model}` — {r.file_gb} GB, {where}, {r.machine}", "",
            f"| figure | moe-workbench | {peer_name} | ratio |", "|---|---|---|---|"]
-    ratio = {"prefill": r.ratios.get("prefill"), "decode": r.ratios.get("decode")}
+    ratio = {"prefill": r.ratios.get("prefill"), "decode": r.ratios.get("decode"), "decode_q8": r.ratios.get("decode_q8")}
     for name, ours, theirs in rows:
-        key = "prefill" if name.startswith("prefill") else "decode" if name == "decode tok/s" else None
+        if ours is None and name.startswith("decode tok/s, 8-bit"):
+            continue  # measured beside a cpu run where this CPU can run it
+        key = ("prefill" if name.startswith("prefill") else "decode" if name == "decode tok/s"
+               else "decode_q8" if name.startswith("decode tok/s, 8-bit") else None)
         out.append(f"| {name} | {cell(ours)} | {cell(theirs)} | {cell(ratio.get(key)) if key else ''} |")
     if r.profile:
         out.append(profile_markdown(r.profile))

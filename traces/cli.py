@@ -74,16 +74,18 @@ def make_knobs(no_qk_norm, rope_theta, no_norm_topk_prob, template):
 
 
 def backend_option(f):
-    return click.option("--backend", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True,
-                        help="Where the forward runs: the CPU (Numba) or an NVIDIA GPU (numba-cuda).")(f)
+    from engine.config import BACKEND_HELP, BACKENDS
+
+    return click.option("--backend", type=click.Choice(BACKENDS), default="cpu", show_default=True,
+                        help=BACKEND_HELP)(f)
 
 
 def load(model_path: str, backend: str = "cpu"):
     from engine.model import load_model
 
-    if backend == "cpu":
+    if backend != "cuda":
         with progress.status(f"loading {Path(model_path).name}"):
-            return load_model(model_path)
+            return load_model(model_path, backend=backend)
     return load_model(model_path, backend=backend, progress=progress.bar(f"copying {Path(model_path).name} to the GPU"))
 
 
@@ -283,12 +285,11 @@ def bench(model_path, prompt_tokens, gen_tokens, threads, peer, no_compile_times
     open_gguf(model_path)  # a clear error for a bad file before anything is timed
     for doc in update_docs:
         B.check_section(doc, section)
-    if backend != "cpu":
-        if profile:
-            from engine.errors import InputError
+    if backend == "cuda" and profile:
+        from engine.errors import InputError
 
-            raise InputError("--profile times the CPU backend's operations; drop it with --backend cuda")
-        B.check_backend(backend)  # a one-line error when it cannot run here, before anything is timed
+        raise InputError("--profile times the CPU backend's operations; drop it with --backend cuda")
+    B.check_backend(backend)  # a one-line error when it cannot run here, before anything is timed
     threads = threads or os.cpu_count() or 1
     with progress.status(f"benchmarking moe-workbench ({backend})"):
         result = B.bench_engine(model_path, prompt_tokens=prompt_tokens, gen_tokens=gen_tokens, threads=threads,
@@ -308,7 +309,7 @@ def bench(model_path, prompt_tokens, gen_tokens, threads, peer, no_compile_times
     if profile:
         with progress.status("timing each operation of a decode step"):
             result.profile = B.profile_decode(model_path, prompt_tokens=prompt_tokens, gen_tokens=gen_tokens,
-                                              threads=threads)
+                                              threads=threads, backend=backend)
     table = B.markdown(result)
     for doc in update_docs:
         B.update_section(doc, section, table)

@@ -15,7 +15,7 @@ DEFAULT_PROMPT = "def fizzbuzz(n):\n"
 
 @st.cache_resource(show_spinner="Loading the model (memory-mapped; on a GPU, copied to it once)…", max_entries=4)
 def get_model(path: str, backend: str = "cpu") -> Model:
-    """The model at `path`, running on `backend` ('cpu' or 'cuda'): one shared instance per pair."""
+    """The model at `path`, running on `backend` (one of engine.config.BACKENDS): one shared instance per pair."""
     return load_model(resolve_model(path), backend=backend)
 
 
@@ -33,10 +33,12 @@ def backend_problem(backend: str) -> str | None:
 
 
 def backend_picker(key: str = "backend") -> str:
-    """The backend selectbox of the model controls: CPU, or CUDA (the same forward on a GPU). A backend
+    """The backend selectbox of the model controls: CPU, CPU with 8-bit activations, or CUDA (the same
+    forward on a GPU). A backend
     that cannot run here stops the page with its one-line reason."""
-    backend = st.selectbox("Backend", ["cpu", "cuda"], key=key,
-                           help="Where the one forward pass runs: CPU (Numba) or an NVIDIA GPU (numba-cuda).")
+    from engine.config import BACKEND_HELP, BACKENDS
+
+    backend = st.selectbox("Backend", BACKENDS, key=key, help=BACKEND_HELP)
     problem = backend_problem(backend)
     if problem:
         st.error(problem)

@@ -609,12 +609,17 @@ def _slow_matmul(qtype: int, w: np.ndarray, sel: np.ndarray, x: np.ndarray, kx: 
 
 
 def _grouped(qtype: int, fast: _Fast | None, w: np.ndarray, sel: np.ndarray, x: np.ndarray, kx: int,
-             out: np.ndarray) -> None:
+             out: np.ndarray, q8: bool = False) -> None:
     if fast is None:
         _slow_matmul(qtype, w, sel, x, kx, out)
     elif sel.shape[0] == 1 and qtype in _VEC:  # one token: decode
         if sel.min() < 0 or sel.max() >= w.shape[0]:
             raise IndexError(f"expert id out of range [0, {w.shape[0]})")
+        if q8:
+            from .cpu_q8 import single_token
+
+            single_token(qtype, _readonly(w), sel, _readonly(x), out)
+            return
         xs = x if qtype not in _XSUM else np.ascontiguousarray(
             x.reshape(x.shape[0], -1, _XSUM[qtype]).sum(axis=-1, dtype=np.float32))
         _VEC[qtype](_readonly(w).view(fast.dtype), sel, _readonly(x), _readonly(xs), out)
@@ -622,8 +627,11 @@ def _grouped(qtype: int, fast: _Fast | None, w: np.ndarray, sel: np.ndarray, x: 
         fast.matmul(_readonly(w).view(fast.dtype), sel, _readonly(x), kx, out)
 
 
-def matmul(qtype: int, w: np.ndarray, x: np.ndarray, out: np.ndarray) -> None:
+def matmul(qtype: int, w: np.ndarray, x: np.ndarray, out: np.ndarray, *, q8: bool = False) -> None:
     """out (n, R) = x (n, C) @ W^T, W given as raw GGUF rows w: uint8 (R, RB); all float32.
+
+    q8: a single token (n = 1) through Q4_K or Q6_K weights is multiplied with x quantized to 8 bits
+    (engine/kernels/cpu_q8.py; the cpu-q8 backend's explicit fast mode); otherwise ignored.
 
     Row t of out does not depend on the other rows of x; it is bit-identical to matvec(qtype, w, x[t]) except
     for the types whose single token has its own kernel (Q4_K, Q6_K), where it agrees to rounding.
@@ -634,23 +642,24 @@ def matmul(qtype: int, w: np.ndarray, x: np.ndarray, out: np.ndarray) -> None:
     fast = _check_weights(qtype, w, 2, cols)
     _check_f32("x", x, (n, cols))
     _check_f32("out", out, (n, w.shape[0]), writeable=True)
-    _grouped(qtype, fast, w.reshape((1,) + w.shape), _zeros_sel(n), x, 1, out)
+    _grouped(qtype, fast, w.reshape((1,) + w.shape), _zeros_sel(n), x, 1, out, q8)
 
 
-def matvec(qtype: int, w: np.ndarray, x: np.ndarray, out: np.ndarray) -> None:
+def matvec(qtype: int, w: np.ndarray, x: np.ndarray, out: np.ndarray, *, q8: bool = False) -> None:
     """out (R,) = W @ x (C,), W given as raw GGUF rows w: uint8 (R, RB); all float32."""
     if x.ndim != 1 or w.ndim != 2:
         raise ValueError(f"matvec takes 2-D w and 1-D x, got {w.shape} and {x.shape}")
     _check_f32("out", out, (w.shape[0],), writeable=True)  # before the reshape, which would copy a strided out
-    matmul(qtype, w, x.reshape(1, -1), out.reshape(1, -1))
+    matmul(qtype, w, x.reshape(1, -1), out.reshape(1, -1), q8=q8)
 
 
-def expert_matmul(qtype: int, w: np.ndarray, sel: np.ndarray, x: np.ndarray, out: np.ndarray) -> None:
+def expert_matmul(qtype: int, w: np.ndarray, sel: np.ndarray, x: np.ndarray, out: np.ndarray, *,
+                  q8: bool = False) -> None:
     """out[t, j] = W[sel[t, j]] @ x[t, j if kx == k else 0]: all tokens and their k experts in one call.
 
     w: uint8 (E, R, RB) raw GGUF rows; sel: int (n, k) expert ids; x: float32 (n, kx, C) with kx == 1
     (one input for every expert of a token: gate, up) or kx == k (one per slot: down); out: float32 (n, k, R).
-    Each out[t, j] equals matvec on expert sel[t, j] (bit for bit, as matmul's rows).
+    Each out[t, j] equals matvec on expert sel[t, j] (bit for bit, as matmul's rows). q8: as matmul's.
     """
     if sel.ndim != 2 or x.ndim != 3 or x.shape[0] != sel.shape[0] or x.shape[1] not in (1, sel.shape[1]):
         raise ValueError(f"sel must be (n, k) and x (n, 1 or k, cols), got {sel.shape} and {x.shape}")
@@ -660,7 +669,7 @@ def expert_matmul(qtype: int, w: np.ndarray, sel: np.ndarray, x: np.ndarray, out
     _check_f32("x", x, (n, kx, cols))
     _check_f32("out", out, (n, k, w.shape[1]), writeable=True)
     sel = _readonly(np.ascontiguousarray(sel, dtype=np.int32))
-    _grouped(qtype, fast, w, sel, x.reshape(n * kx, cols), kx, out.reshape(n * k, w.shape[1]))
+    _grouped(qtype, fast, w, sel, x.reshape(n * kx, cols), kx, out.reshape(n * k, w.shape[1]), q8)
 
 
 def get_rows(qtype: int, w: np.ndarray, ids: np.ndarray, out: np.ndarray) -> None:

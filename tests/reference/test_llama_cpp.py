@@ -63,3 +63,31 @@ def test_fixture_matches_llama_cpp(model_factory, name):
     path = model_factory(**spec)
     tokens = [1, 200, 33, 47, 5, 90, 310, 12, 77, 150, 8, 402]
     compare(our_logits(path, tokens), llama_logits(path, tokens), bar)
+
+
+def decode_logits(path, tokens, backend: str) -> np.ndarray:
+    """Our logits with every token a decode step of its own (one token per forward, through the cache)."""
+    model = load_model(path, backend=backend)
+    cache = KVCache.for_model(model, len(tokens))
+    return np.concatenate([forward(model, np.array([t]), cache) for t in tokens])
+
+
+Q8_FILES = ("Q4_K", "Q6_K", "Q4_K_M")  # the types cpu-q8's kernels cover
+
+
+@pytest.mark.skipif(__import__("engine.kernels.cpu_q8", fromlist=["x"]).unavailable() is not None,
+                    reason="8-bit activations need AVX2 and F16C")
+@pytest.mark.parametrize("name", Q8_FILES)
+def test_cpu_q8_decode_matches_llama_cpp(model_factory, name):
+    """The cpu-q8 backend's own parity test: decode steps with 8-bit activations against llama.cpp (which
+    quantizes its activations too, in blocks of 256), within the same bars as the float32 path."""
+    spec, bar = FILES[name]
+    path = model_factory(**spec)
+    tokens = [1, 200, 33, 47, 5, 90, 310, 12, 77, 150, 8, 402]
+    theirs = llama_logits(path, tokens)
+    q8 = decode_logits(path, tokens, "cpu-q8")
+    compare(q8, theirs, bar)
+    f32 = decode_logits(path, tokens, "cpu")
+    assert not np.array_equal(q8, f32)  # the 8-bit kernels ran
+    err = lambda ours: float(np.max(np.abs(ours - theirs).max(-1) / np.abs(theirs).max(-1)))  # noqa: E731
+    print(f"{name}: max |difference| / max |logit| vs llama.cpp: cpu-q8 {err(q8):.3%}, cpu {err(f32):.3%}")

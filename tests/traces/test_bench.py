@@ -7,7 +7,8 @@ import json
 import pytest
 
 KEYS = ("prefill_tok_s", "decode_tok_s", "decode_traced_tok_s", "load_s", "peak_rss_anon_mb", "compile_cold_s",
-        "compile_warm_s", "start_to_first_token_warm_s", "traced_over_untraced", "threads", "machine", "peer")
+        "compile_warm_s", "start_to_first_token_warm_s", "traced_over_untraced", "threads", "machine", "peer",
+        "decode_q8_tok_s")
 
 
 @pytest.mark.slow
@@ -22,6 +23,11 @@ def test_bench_json_has_its_fields(cli, tiny_path):
                 "compile_cold_s", "compile_warm_s", "start_to_first_token_warm_s"):
         assert isinstance(out[key], float) and out[key] > 0, key
     assert out["threads"] == 1 and out["peer"] is None
+    from engine.kernels.cpu_q8 import unavailable
+
+    # the cpu-q8 backend's decode, measured beside the cpu run where this CPU can run it
+    assert (out["decode_q8_tok_s"] is None) == (unavailable() is not None)
+    assert out["decode_q8_tok_s"] is None or out["decode_q8_tok_s"] > 0
 
 
 def test_bench_markdown_table(cli, tiny_path):
@@ -31,6 +37,9 @@ def test_bench_markdown_table(cli, tiny_path):
     lines = proc.stdout.strip().splitlines()
     assert lines[0].startswith("`trace bench ")
     assert any(line.startswith("| decode tok/s |") for line in lines)
+    from engine.kernels.cpu_q8 import unavailable
+
+    assert any(line.startswith("| decode tok/s, 8-bit activations") for line in lines) == (unavailable() is None)
     # the profile: the lm_head, the experts and the rest, with shares that add up to the whole step
     rows = {line.split(" | ")[0][2:]: line.split(" | ") for line in lines[lines.index("| operation | ms per token | share |"):]
             if line.startswith("| ") and not line.startswith("| operation")}

@@ -26,3 +26,12 @@ def test_choosing_cuda_without_a_gpu_shows_a_one_line_error(page, key):
     assert len(at.error) == 1
     message = at.error[0].value
     assert "GPU" in message and "\n" not in message
+
+
+def test_choosing_cpu_q8_traces_the_default_model_without_error():
+    at = AppTest.from_file(APP, default_timeout=300)
+    at.run()
+    at.selectbox(key="trace_backend").select("cpu-q8").run()
+    assert not at.exception, at.exception
+    assert not at.error, [e.value for e in at.error]
+    assert at.selectbox(key="trace_backend").value == "cpu-q8"
