@@ -18,9 +18,9 @@ on the batch, so a prefill row does not depend on the other tokens of the batch 
 reruns are bit-identical (no atomics, no thread-dependent reductions).
 
 A single token (decode) of Q4_K or Q6_K takes its own kernel (`_vec_*`): with one input there is no
-unpacking to share, so it dots each row straight from its blocks and applies each sub-block's scale
-once per sub-block (1.2x on Q4_K, 1.35x on Q6_K, the lm_head's type). Its results agree with the tiled
-kernel's to float32 rounding, not bit for bit.
+unpacking to share, so it dots each row straight from its blocks, each block straight-line vector IR
+(engine/kernels/blocks.py) that applies each sub-block's scale once per sub-block. Its results agree
+with the tiled kernel's to float32 rounding, not bit for bit.
 
 Types without a fast kernel are dequantized by gguf-py, a bounded chunk of rows at a time, and
 multiplied by the F32 kernel.
@@ -44,6 +44,7 @@ from ..errors import UnsupportedTypeError
 from ..quants import QK_K, QT, block_layout, readable, type_name
 
 from ..recorder import STAT_FIELDS  # noqa: E402  (re-exported: engine.kernels.STAT_FIELDS)
+from . import blocks
 
 ROW_CHUNK = 16  # rows per work item: their tiles (16 KiB) and an input tile stay in L1
 TILE = QK_K  # elements dequantized at a time: one K-quant block, 8 Q8_0 blocks; the last tile may be shorter
@@ -429,64 +430,30 @@ def _rows_q6_k(w, ids, out):
 
 # ---------------------------------------------------------------------------------------------
 # single-token kernels (decode): each weight is unpacked once and used once, so there is nothing to
-# share through a tile buffer. These dot a row straight from its blocks and apply each sub-block's
-# scale once per sub-block, not once per weight: d*sc*sum(q*x) - dmin*m*sum(x) instead of
-# sum((d*sc*q - dmin*m)*x). The sums of x per 32 elements (Q4_K's mins) are computed once per call.
-# Same products, fewer multiplies; the rounding differs from the tiled kernels' in the last bits.
-@njit(inline="always")
-def _row_q4_k(row, x, xr, xs):
-    acc = np.float32(0.0)
-    for b in range(x.shape[1] // QK_K):
-        base = b * 144
-        d = _half(row, base)
-        dmin = _half(row, base + 2)
-        part = np.float32(0.0)
-        for g in range(4):
-            sc1, m1 = _scale_min_k4(row, base + 4, 2 * g)
-            sc2, m2 = _scale_min_k4(row, base + 4, 2 * g + 1)
-            qs = base + 16 + 32 * g
-            xo = b * QK_K + 64 * g
-            s1 = np.float32(0.0)
-            s2 = np.float32(0.0)
-            for l in range(32):
-                q = I32(row[qs + l])
-                s1 += np.float32(I32(q & 0xF)) * x[xr, xo + l]
-                s2 += np.float32(I32(q >> 4)) * x[xr, xo + 32 + l]
-            j = b * 8 + 2 * g
-            part += d * (sc1 * s1 + sc2 * s2) - dmin * (m1 * xs[xr, j] + m2 * xs[xr, j + 1])
-        acc = _add_in_order(acc, part)
-    return acc
+# share through a tile buffer. A row is dotted block by block with the whole-block IR of blocks.py:
+# d*sc*sum(q*x) - dmin*m*sum(x) per sub-block instead of sum((d*sc*q - dmin*m)*x), the sums of x per 32
+# elements (Q4_K's mins) computed once per call. Same products, fewer multiplies; the rounding differs
+# from the tiled kernels' in the last bits.
+def _row_dot(block, row_bytes: int, d_at: int, dmin_at: int, a_stride: int):
+    """dot(row, x, xr, a): the row's blocks in order, each block(row, at, x[xr], .., a[xr], ..) with its
+    float16 scales d (byte d_at of the block) and dmin (dmin_at; none when < 0); a[xr] holds a_stride
+    floats per block (blocks.py says which)."""
+
+    @njit(inline="always")
+    def dot(row, x, xr, a):
+        xrow, arow = x[xr], a[xr]
+        acc = np.float32(0.0)
+        for b in range(xrow.shape[0] // QK_K):
+            at = b * row_bytes
+            dmin = _half(row, at + dmin_at) if dmin_at >= 0 else np.float32(0.0)
+            acc = _add_in_order(acc, block(row, at, xrow, b * QK_K, arow, b * a_stride, _half(row, at + d_at), dmin))
+        return acc
+
+    return dot
 
 
-@njit(inline="always")
-def _row_q6_k(row, x, xr, xs):
-    acc = np.float32(0.0)
-    for b in range(x.shape[1] // QK_K):
-        base = b * 210
-        d = _half(row, base + 208)
-        part = np.float32(0.0)
-        for h in range(2):
-            ql = base + 64 * h
-            qh = base + 128 + 32 * h
-            xo = b * QK_K + 128 * h
-            for half16 in range(2):
-                at = base + 192 + 8 * h + half16
-                s0 = np.float32(0.0)
-                s1 = np.float32(0.0)
-                s2 = np.float32(0.0)
-                s3 = np.float32(0.0)
-                for l in range(16 * half16, 16 * half16 + 16):
-                    lo = I32(row[ql + l])
-                    hi = I32(row[ql + 32 + l])
-                    hb = I32(row[qh + l])
-                    s0 += x[xr, xo + l] * np.float32(I32(I32(I32(lo & 0xF) | I32(I32(hb << 4) & 0x30)) - 32))
-                    s1 += x[xr, xo + 32 + l] * np.float32(I32(I32(I32(hi & 0xF) | I32(I32(hb << 2) & 0x30)) - 32))
-                    s2 += x[xr, xo + 64 + l] * np.float32(I32(I32(I32(lo >> 4) | I32(hb & 0x30)) - 32))
-                    s3 += x[xr, xo + 96 + l] * np.float32(I32(I32(I32(hi >> 4) | I32(I32(hb >> 2) & 0x30)) - 32))
-                part += d * (_i8(row[at]) * s0 + _i8(row[at + 2]) * s1 + _i8(row[at + 4]) * s2
-                             + _i8(row[at + 6]) * s3)
-        acc = _add_in_order(acc, part)
-    return acc
+_row_q4_k = _row_dot(blocks.q4_k_f32, 144, 0, 2, 8)
+_row_q6_k = _row_dot(blocks.q6_k_f32, 210, 208, -1, 8)
 
 
 @njit(inline="always")
