@@ -35,9 +35,21 @@ def rope_neox(x: np.ndarray, cos: np.ndarray, sin: np.ndarray) -> np.ndarray:
     return np.concatenate((a * c - b * s, b * c + a * s), axis=-1)
 
 
+@njit(cache=True, fastmath={"reassoc", "contract"})
+def _dot(a, b):
+    """a . b over one head (hd,): reassociated so LLVM vectorises it, in an order fixed at compile time."""
+    acc = np.float32(0.0)
+    for d in range(a.shape[0]):
+        acc += a[d] * b[d]
+    return acc
+
+
 @njit(cache=True, parallel=True, fastmath=False)
 def _attention(q, kc, vc, p0, scale, out):
     # q: (n, h, hd); kc, vc: (T, kvh, hd); out: (n, h, hd). Position p0 + t sees 0 .. p0 + t.
+    # Every (position, head) is computed alone, the same way whatever the batch: a decode step gives the
+    # bits a full recompute gives. The weighted sum of V runs over positions in order, every feature at
+    # once (contiguous rows of the cache).
     n, nh, hd = q.shape
     group = nh // kc.shape[1]
     for idx in prange(n * nh):
@@ -48,10 +60,7 @@ def _attention(q, kc, vc, p0, scale, out):
         scores = np.empty(last + 1, dtype=np.float32)
         m = -np.inf
         for s in range(last + 1):
-            acc = np.float32(0.0)
-            for d in range(hd):
-                acc += q[t, head, d] * kc[s, kvh, d]
-            sc = acc * scale
+            sc = _dot(q[t, head], kc[s, kvh]) * scale
             scores[s] = sc
             if sc > m:
                 m = sc
@@ -60,11 +69,12 @@ def _attention(q, kc, vc, p0, scale, out):
             e = np.float32(math.exp(scores[s] - m))
             scores[s] = e
             denom += e
+        acc = np.zeros(hd, dtype=np.float32)
+        for s in range(last + 1):
+            for d in range(hd):
+                acc[d] += scores[s] * vc[s, kvh, d]
         for d in range(hd):
-            acc = np.float32(0.0)
-            for s in range(last + 1):
-                acc += scores[s] * vc[s, kvh, d]
-            out[t, head, d] = acc / denom
+            out[t, head, d] = acc[d] / denom
 
 
 def attention(q: np.ndarray, k_cache: np.ndarray, v_cache: np.ndarray, p0: int) -> np.ndarray:
