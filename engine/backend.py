@@ -140,6 +140,15 @@ CPU = CpuBackend()
 CPU_Q8 = CpuQ8Backend()
 
 
+def unavailable_reason(name: str) -> str | None:
+    """Why backend `name` cannot run on this machine (one line), or None when it can."""
+    try:
+        check_available(name)
+    except BackendUnavailable as exc:
+        return str(exc)
+    return None
+
+
 def check_available(name: str) -> None:
     """BackendUnavailable (one line) when backend `name` cannot run on this machine."""
     if name == "cpu-q8":

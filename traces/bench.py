@@ -99,24 +99,6 @@ print(t2 - t1, t2 - t0)
 """
 
 
-def check_backend(backend: str) -> None:
-    """BackendUnavailable (one line) when `backend` cannot run on this machine."""
-    from engine.backend import check_available
-
-    check_available(backend)
-
-
-def check_backend_problem(backend: str) -> str | None:
-    """Why `backend` cannot run here (one line), or None."""
-    from engine.backend import BackendUnavailable
-
-    try:
-        check_backend(backend)
-    except BackendUnavailable as exc:
-        return str(exc)
-    return None
-
-
 def first_call_seconds(path: str, cache_dir: str, backend: str = "cpu") -> tuple[float, float]:
     """(first forward, imports + load + first forward) in seconds, in a fresh process whose Numba cache is
     `cache_dir` (numba-cuda kernels are compiled in every process: the cuda figures are equal)."""
@@ -147,6 +129,7 @@ def bench_engine(path: str, *, prompt_tokens: int, gen_tokens: int, threads: int
     """With backend 'cuda' the same figures on the GPU, plus kernel launches per decoded token."""
     import numba
 
+    from engine.backend import unavailable_reason
     from engine.forward import forward
     from engine.kv_cache import KVCache
     from engine.model import load_model
@@ -197,7 +180,7 @@ def bench_engine(path: str, *, prompt_tokens: int, gen_tokens: int, threads: int
         traced = decode(TraceRecorder(top_k=5))
         del logits
         q8 = None
-        if backend == "cpu" and check_backend_problem("cpu-q8") is None:
+        if backend == "cpu" and unavailable_reason("cpu-q8") is None:
             if progress:
                 progress(f"decode of {gen_tokens} tokens with 8-bit activations (the cpu-q8 backend)")
             q8_model = load_model(path, with_tokenizer=False, backend="cpu-q8")

@@ -278,6 +278,7 @@ def bench(model_path, prompt_tokens, gen_tokens, threads, peer, no_compile_times
     """Measure load, compile, prefill, decode and traced decode speed and peak memory, beside llama.cpp."""
     import os
 
+    from engine.backend import check_available
     from engine.gguf_file import open_gguf
 
     from . import bench as B
@@ -289,7 +290,7 @@ def bench(model_path, prompt_tokens, gen_tokens, threads, peer, no_compile_times
         from engine.errors import InputError
 
         raise InputError("--profile times the CPU backend's operations; drop it with --backend cuda")
-    B.check_backend(backend)  # a one-line error when it cannot run here, before anything is timed
+    check_available(backend)  # a one-line error when it cannot run here, before anything is timed
     threads = threads or os.cpu_count() or 1
     with progress.status(f"benchmarking moe-workbench ({backend})"):
         result = B.bench_engine(model_path, prompt_tokens=prompt_tokens, gen_tokens=gen_tokens, threads=threads,

@@ -21,15 +21,10 @@ def get_model(path: str, backend: str = "cpu") -> Model:
 
 @st.cache_resource(show_spinner=False)
 def backend_problem(backend: str) -> str | None:
-    """None when `backend` can run here, else the one-line reason (numba-cuda missing, no GPU)."""
-    from engine.backend import BackendUnavailable
-    from traces.bench import check_backend
+    """None when `backend` can run here, else the one-line reason (numba-cuda missing, no GPU, no AVX2)."""
+    from engine.backend import unavailable_reason
 
-    try:
-        check_backend(backend)
-    except BackendUnavailable as exc:
-        return str(exc)
-    return None
+    return unavailable_reason(backend)
 
 
 def backend_picker(key: str = "backend") -> str:
