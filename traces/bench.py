@@ -71,7 +71,7 @@ class BenchResult:
     decode_tok_s: float
     decode_traced_tok_s: float
     traced_over_untraced: float
-    decode_q8_tok_s: float | None  # the cpu-q8 backend (8-bit activations), beside a cpu run; None elsewhere
+    decode_q8_tok_s: float | None  # the cpu-q8 backend, beside a cpu run on a file it applies to; else None
     peak_rss_anon_mb: float
     machine: str
     backend: str = "cpu"
@@ -97,6 +97,15 @@ forward(m, np.array([1, 2, 3]), KVCache.for_model(m, 4))
 t2 = time.perf_counter()
 print(t2 - t1, t2 - t0)
 """
+
+
+def q8_applies(model) -> bool:
+    """Whether the cpu-q8 backend would compute anything differently on this model (it has weights of a type
+    whose single-token products take 8-bit inputs)."""
+    from engine.kernels.cpu_q8 import VEC
+    from engine.quants import type_name
+
+    return bool({type_name(t) for t in VEC} & set(model.tensor_types.values()))
 
 
 def first_call_seconds(path: str, cache_dir: str, backend: str = "cpu") -> tuple[float, float]:
@@ -180,7 +189,7 @@ def bench_engine(path: str, *, prompt_tokens: int, gen_tokens: int, threads: int
         traced = decode(TraceRecorder(top_k=5))
         del logits
         q8 = None
-        if backend == "cpu" and unavailable_reason("cpu-q8") is None:
+        if backend == "cpu" and unavailable_reason("cpu-q8") is None and q8_applies(model):
             if progress:
                 progress(f"decode of {gen_tokens} tokens with 8-bit activations (the cpu-q8 backend)")
             q8_model = load_model(path, with_tokenizer=False, backend="cpu-q8")
