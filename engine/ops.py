@@ -13,10 +13,26 @@ import numpy as np
 from numba import njit, prange
 
 
+@njit(cache=True)
+def _rmsnorm_rows(x, weight, eps, out):
+    # x, out: (m, d) f32. The mean of squares is accumulated in float64 and rounded once to float32.
+    d = x.shape[1]
+    for i in range(x.shape[0]):
+        ss = 0.0
+        for j in range(d):
+            v = np.float64(x[i, j])
+            ss += v * v
+        r = np.float32(1.0) / np.sqrt(np.float32(ss / d) + eps)
+        for j in range(d):
+            out[i, j] = weight[j] * (x[i, j] * r)
+
+
 def rmsnorm(x: np.ndarray, weight: np.ndarray, eps: float) -> np.ndarray:
-    """x: (..., d) f32 -> weight * x / sqrt(mean(x^2) + eps), as HF's Qwen3MoeRMSNorm (float32)."""
-    var = np.mean(np.square(x, dtype=np.float32), axis=-1, keepdims=True, dtype=np.float32)
-    return (weight * (x * (np.float32(1.0) / np.sqrt(var + np.float32(eps))))).astype(np.float32, copy=False)
+    """x: (..., d) f32 -> weight * (x * 1 / sqrt(mean(x^2) + eps)), as HF's Qwen3MoeRMSNorm (float32)."""
+    flat = np.ascontiguousarray(x, dtype=np.float32).reshape(-1, x.shape[-1])
+    out = np.empty_like(flat)
+    _rmsnorm_rows(flat, np.ascontiguousarray(weight, dtype=np.float32), np.float32(eps), out)
+    return out.reshape(x.shape)
 
 
 def rope_tables(positions: np.ndarray, head_dim: int, theta: float) -> tuple[np.ndarray, np.ndarray]:
