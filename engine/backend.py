@@ -8,7 +8,7 @@ Arrays a backend hands back are its own (numpy arrays, or device arrays); the fo
 them, and `to_host` brings back what the recorder and the sampler read.
 
 Pick a backend where the model is loaded: `load_model(path, backend="cuda")`. `cpu-q8` is the CPU
-backend with one difference: single-token products through Q4_K/Q6_K weights quantize their input to
+backend with one difference: single-token products through K-quant and Q8_0 weights quantize their input to
 8 bits (engine/kernels/cpu_q8.py), an explicit fast mode that rounds like llama.cpp rather than like the
 float32 reference.
 Shapes: n = positions, H = hidden, h = heads, hd = head_dim, E = experts, k = experts used per token,
@@ -130,7 +130,7 @@ class CpuBackend:
 
 
 class CpuQ8Backend(CpuBackend):
-    """The CPU backend with 8-bit activations in single-token Q4_K/Q6_K products (decode steps)."""
+    """The CPU backend with 8-bit activations in single-token Q4_K/Q5_K/Q6_K/Q8_0 products (decode steps)."""
 
     name = "cpu-q8"
     q8 = True

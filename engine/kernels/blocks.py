@@ -1,4 +1,4 @@
-"""Whole-block dot products of Q4_K and Q6_K rows, written as LLVM IR (Numba intrinsics).
+"""Whole-block dot products of Q4_K, Q5_K, Q6_K and Q8_0 rows, written as LLVM IR (Numba intrinsics).
 
 A single token's product (a decode step) reads each weight once, so its speed is how fast a 256-weight
 block can be unpacked and multiplied. Left to the auto-vectoriser, the unpacking (shifts, masks and
@@ -112,10 +112,37 @@ class BlockIR:
                    b.and_(b.shl(b.lshr(self.shuffle(lo8, lo8, [4, 5, 6, 7, 4, 5, 6, 7]), six), four), top))
         return b.uitofp(sc, F32x8), b.uitofp(mn, F32x8)
 
-    def q4_k_codes(self, base, k: int):
-        """Codes 0..15 of groups 2k and 2k + 1 (<32 x i8> each): the nibbles of bytes 16 + 32k ...."""
-        q = self.load(self.at(0, base, 16 + 32 * k), V8x32)
-        return self.b.and_(q, self.bytes32(0xF)), self.b.lshr(q, self.bytes32(4))
+    def k_codes(self, base, k: int, qs_at: int, qh_at: int | None):
+        """Codes of groups 2k and 2k + 1 (<32 x i8> each): the low and high nibbles of the 32 bytes at
+        qs_at + 32k; Q5_K (qh_at given) adds bit 2k, resp. 2k + 1, of the 32 bytes at qh_at as bit 4."""
+        b = self.b
+        q = self.load(self.at(0, base, qs_at + 32 * k), V8x32)
+        lo, hi = b.and_(q, self.bytes32(0xF)), b.lshr(q, self.bytes32(4))
+        if qh_at is None:
+            return lo, hi
+        qh = self.load(self.at(0, base, qh_at), V8x32)
+        fifth = [b.shl(b.and_(b.lshr(qh, self.bytes32(g)) if g else qh, self.bytes32(1)), self.bytes32(4))
+                 for g in (2 * k, 2 * k + 1)]
+        return b.or_(lo, fifth[0]), b.or_(hi, fifth[1])
+
+    def halves8(self, base, first: int, stride: int):
+        """<8 x float> of the float16 at bytes first + i * stride of the block (i < 8), decoded with
+        integer operations (any target): normal numbers rebias the exponent, subnormals scale the
+        mantissa by 2^-24, Inf and NaN keep their payload."""
+        b = self.b
+        v = ir.Constant(ir.VectorType(I16, 8), ir.Undefined)
+        for i in range(8):
+            h = b.load(b.bitcast(self.at(0, base, first + i * stride), I16.as_pointer()), align=1)
+            v = b.insert_element(v, h, ir.Constant(I32, i))
+        h = b.zext(v, V32x8)
+        c = lambda n: ir.Constant(V32x8, [n] * 8)  # noqa: E731
+        em = b.and_(h, c(0x7FFF))
+        normal = b.add(b.shl(em, c(13)), c((127 - 15) << 23))
+        special = b.or_(b.shl(em, c(13)), c(0x7F800000))
+        subnormal = b.bitcast(b.fmul(b.sitofp(em, F32x8), ir.Constant(F32x8, [5.9604644775390625e-08] * 8)), V32x8)
+        bits = b.select(b.icmp_unsigned("<", em, c(0x400)), subnormal,
+                        b.select(b.icmp_unsigned(">=", em, c(0x7C00)), special, normal))
+        return b.bitcast(b.or_(bits, b.shl(b.and_(h, c(0x8000)), c(16))), F32x8)
 
     def q6_k_half(self, base, h: int):
         """The bytes of half h (128 weights): low-nibble bytes (two vectors), high-bit bytes, 8 scales."""
@@ -154,26 +181,56 @@ def _signature(row, x, a):
     return types.float32(row, types.intp, x, types.intp, a, types.intp, types.float32, types.float32)
 
 
+def _k_f32(qs_at: int, qh_at: int | None, name: str):
+    def q_k_f32(typingctx, row, base, x, xo, a, ai, d, dmin):
+        if not (isinstance(x, types.Array) and x.dtype == types.float32):
+            return None
+
+        def codegen(context, builder, sig, args):
+            g = BlockIR(context, builder, sig, args)
+            b, base_, xo_, ai_, d_, dmin_ = builder, args[1], args[3], args[5], args[6], args[7]
+            scales, mins = g.q4_k_scales(base_)
+            accs = []
+            for k in range(4):
+                acc = None
+                for j, codes in zip((2 * k, 2 * k + 1), g.k_codes(base_, k, qs_at, qh_at)):
+                    part = g.fdot(codes, 0, 4, 2, b.add(xo_, ir.Constant(xo_.type, 32 * j)), signed=False)
+                    sc = g.splat(g.lane(scales, j))
+                    acc = b.fmul(part, sc) if acc is None else g.muladd(part, sc, acc)
+                accs.append(acc)
+            m = g.hsum(b.fmul(mins, g.load(g.at(4, ai_), F32x8)))
+            return b.fsub(b.fmul(d_, g.hsum(g.tree(accs))), b.fmul(dmin_, m))
+
+        return _signature(row, x, a), codegen
+
+    q_k_f32.__name__ = q_k_f32.__qualname__ = name
+    q_k_f32.__doc__ = (f"{name[:4].upper()}: d * sum_g sc_g * sum_l q_l * x_l - dmin * sum_g m_g * a[ai + g] "
+                       "(a: the sums of x per 32).")
+    return intrinsic(q_k_f32)
+
+
+q4_k_f32 = _k_f32(16, None, "q4_k_f32")
+q5_k_f32 = _k_f32(48, 16, "q5_k_f32")
+
+
 @intrinsic
-def q4_k_f32(typingctx, row, base, x, xo, a, ai, d, dmin):
-    """d * sum_g sc_g * sum_l q_l * x_l - dmin * sum_g m_g * a[ai + g] (a: the sums of x per 32)."""
+def q8_0_f32(typingctx, row, base, x, xo, a, ai, d, dmin):
+    """8 Q8_0 blocks (34 bytes each: f16 d, 32 int8) as one 256-weight block: sum_i d_i * sum_l q_l * x_l
+    (a, ai, d and dmin unused)."""
     if not (isinstance(x, types.Array) and x.dtype == types.float32):
         return None
 
     def codegen(context, builder, sig, args):
         g = BlockIR(context, builder, sig, args)
-        b, base_, xo_, ai_, d_, dmin_ = builder, args[1], args[3], args[5], args[6], args[7]
-        scales, mins = g.q4_k_scales(base_)
-        accs = []
-        for k in range(4):
-            acc = None
-            for j, codes in zip((2 * k, 2 * k + 1), g.q4_k_codes(base_, k)):
-                part = g.fdot(codes, 0, 4, 2, b.add(xo_, ir.Constant(xo_.type, 32 * j)), signed=False)
-                sc = g.splat(g.lane(scales, j))
-                acc = b.fmul(part, sc) if acc is None else g.muladd(part, sc, acc)
-            accs.append(acc)
-        m = g.hsum(b.fmul(mins, g.load(g.at(4, ai_), F32x8)))
-        return b.fsub(b.fmul(d_, g.hsum(g.tree(accs))), b.fmul(dmin_, m))
+        b, base_, xo_ = builder, args[1], args[3]
+        ds = g.halves8(base_, 0, 34)
+        accs = [None, None]
+        for i in range(8):
+            codes = g.load(g.at(0, base_, 34 * i + 2), V8x32)
+            part = g.fdot(codes, 0, 4, 2, b.add(xo_, ir.Constant(xo_.type, 32 * i)), signed=True)
+            di = g.splat(g.lane(ds, i))
+            accs[i % 2] = b.fmul(part, di) if accs[i % 2] is None else g.muladd(part, di, accs[i % 2])
+        return g.hsum(g.tree(accs))
 
     return _signature(row, x, a), codegen
 
@@ -215,40 +272,72 @@ def _idot(g: BlockIR, u, s, scales16):
     return g.b.sitofp(g.b.call(wd, [g.b.call(madd, [u, s]), scales16]), F32x8)
 
 
+def _k_q8(qs_at: int, qh_at: int | None, name: str):
+    def q_k_q8(typingctx, row, base, x, xo, a, ai, d, dmin):
+        if not (isinstance(x, types.Array) and x.dtype == types.int8):
+            return None
+
+        def codegen(context, builder, sig, args):
+            g = BlockIR(context, builder, sig, args)
+            b, base_, xo_, ai_, d_, dmin_ = builder, args[1], args[3], args[5], args[6], args[7]
+            scales, mins = g.q4_k_scales(base_)
+            coef = b.fmul(scales, g.load(g.at(4, ai_), F32x8))
+            acc = ir.Constant(F32x8, [0.0] * 8)
+            for k in range(4):
+                for j, codes in zip((2 * k, 2 * k + 1), g.k_codes(base_, k, qs_at, qh_at)):
+                    xv = g.load(g.at(2, xo_, 32 * j), V8x32)
+                    acc = g.muladd(_idot(g, codes, xv, _ONES16), g.splat(g.lane(coef, j)), acc)
+            m = g.hsum(b.fmul(mins, g.load(g.at(4, ai_, 8), F32x8)))
+            return b.fsub(b.fmul(d_, g.hsum(acc)), b.fmul(dmin_, m))
+
+        return _signature(row, x, a), codegen
+
+    q_k_q8.__name__ = q_k_q8.__qualname__ = name
+    q_k_q8.__doc__ = (f"{name[:4].upper()}: d * sum_g sc_g * xd_g * isum_g - dmin * sum_g m_g * xsum_g; "
+                      "xd = a[ai:ai + 8], xsum = a[ai + 8:ai + 16].")
+    return intrinsic(q_k_q8)
+
+
+q4_k_q8 = _k_q8(16, None, "q4_k_q8")
+q5_k_q8 = _k_q8(48, 16, "q5_k_q8")
+
+
+def _signed_idot(g: BlockIR, q, xv, scales16):
+    """_idot of signed codes q: vpmaddubsw wants an unsigned operand, so |q| times sign(xq, q)."""
+    absf = g.fn("llvm.abs.v32i8", V8x32, [V8x32, I1])
+    sign = g.fn("llvm.x86.avx2.psign.b", V8x32, [V8x32, V8x32])
+    return _idot(g, g.b.call(absf, [q, ir.Constant(I1, 0)]), g.b.call(sign, [xv, q]), scales16)
+
+
 @intrinsic
-def q4_k_q8(typingctx, row, base, x, xo, a, ai, d, dmin):
-    """d * sum_g sc_g * xd_g * isum_g - dmin * sum_g m_g * xsum_g; xd = a[ai:ai + 8], xsum = a[ai + 8:ai + 16]."""
+def q8_0_q8(typingctx, row, base, x, xo, a, ai, d, dmin):
+    """8 Q8_0 blocks with 8-bit inputs: sum_i d_i * xd_i * sum_l q_l * xq_l, xd = a[ai:ai + 8]."""
     if not (isinstance(x, types.Array) and x.dtype == types.int8):
         return None
 
     def codegen(context, builder, sig, args):
         g = BlockIR(context, builder, sig, args)
-        b, base_, xo_, ai_, d_, dmin_ = builder, args[1], args[3], args[5], args[6], args[7]
-        scales, mins = g.q4_k_scales(base_)
-        coef = b.fmul(scales, g.load(g.at(4, ai_), F32x8))
+        b, base_, xo_, ai_ = builder, args[1], args[3], args[5]
+        coef = b.fmul(g.halves8(base_, 0, 34), g.load(g.at(4, ai_), F32x8))
         acc = ir.Constant(F32x8, [0.0] * 8)
-        for k in range(4):
-            for j, codes in zip((2 * k, 2 * k + 1), g.q4_k_codes(base_, k)):
-                xv = g.load(g.at(2, xo_, 32 * j), V8x32)
-                acc = g.muladd(_idot(g, codes, xv, _ONES16), g.splat(g.lane(coef, j)), acc)
-        m = g.hsum(b.fmul(mins, g.load(g.at(4, ai_, 8), F32x8)))
-        return b.fsub(b.fmul(d_, g.hsum(acc)), b.fmul(dmin_, m))
+        for i in range(8):
+            q = g.load(g.at(0, base_, 34 * i + 2), V8x32)
+            xv = g.load(g.at(2, xo_, 32 * i), V8x32)
+            acc = g.muladd(_signed_idot(g, q, xv, _ONES16), g.splat(g.lane(coef, i)), acc)
+        return g.hsum(acc)
 
     return _signature(row, x, a), codegen
 
 
 @intrinsic
 def q6_k_q8(typingctx, row, base, x, xo, a, ai, d, dmin):
-    """d * sum_g xd_g * sum_l sc(l) * (q_l - 32) * xq_l, xd = a[ai:ai + 8]; the signed codes go through
-    |q| and sign(xq, q), as vpmaddubsw wants an unsigned operand."""
+    """d * sum_g xd_g * sum_l sc(l) * (q_l - 32) * xq_l, xd = a[ai:ai + 8]."""
     if not (isinstance(x, types.Array) and x.dtype == types.int8):
         return None
 
     def codegen(context, builder, sig, args):
         g = BlockIR(context, builder, sig, args)
         b, base_, xo_, ai_, d_ = builder, args[1], args[3], args[5], args[6]
-        absf = g.fn("llvm.abs.v32i8", V8x32, [V8x32, I1])
-        sign = g.fn("llvm.x86.avx2.psign.b", V8x32, [V8x32, V8x32])
         xd = g.load(g.at(4, ai_), F32x8)
         acc = ir.Constant(F32x8, [0.0] * 8)
         for h in range(2):
@@ -258,7 +347,7 @@ def q6_k_q8(typingctx, row, base, x, xo, a, ai, d, dmin):
                 q = g.q6_k_codes(half, k)
                 xv = g.load(g.at(2, xo_, 128 * h + 32 * k), V8x32)
                 scales = g.shuffle(sc16, sc16, [2 * k] * 8 + [2 * k + 1] * 8)  # one per 16 weights
-                part = _idot(g, b.call(absf, [q, ir.Constant(I1, 0)]), b.call(sign, [xv, q]), scales)
+                part = _signed_idot(g, q, xv, scales)
                 acc = g.muladd(part, g.splat(g.lane(xd, 4 * h + k)), acc)
         return b.fmul(d_, g.hsum(acc))
 

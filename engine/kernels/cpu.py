@@ -17,8 +17,9 @@ order, of per-tile float32 reductions whose order is fixed when the kernel compi
 on the batch, so a prefill row does not depend on the other tokens of the batch or their order, and
 reruns are bit-identical (no atomics, no thread-dependent reductions).
 
-A single token (decode) of Q4_K or Q6_K takes its own kernel (`_vec_*`): with one input there is no
-unpacking to share, so it dots each row straight from its blocks, each block straight-line vector IR
+A single token (decode) of Q4_K, Q5_K, Q6_K or Q8_0 takes its own kernel (`_vec_*`): with one input there is no
+unpacking to share, so it dots each row straight from its blocks (Q5_K and Q8_0 too, when rows are
+whole 256-weight blocks), each block straight-line vector IR
 (engine/kernels/blocks.py) that applies each sub-block's scale once per sub-block. Its results agree
 with the tiled kernel's to float32 rounding, not bit for bit.
 
@@ -432,12 +433,13 @@ def _rows_q6_k(w, ids, out):
 # single-token kernels (decode): each weight is unpacked once and used once, so there is nothing to
 # share through a tile buffer. A row is dotted block by block with the whole-block IR of blocks.py:
 # d*sc*sum(q*x) - dmin*m*sum(x) per sub-block instead of sum((d*sc*q - dmin*m)*x), the sums of x per 32
-# elements (Q4_K's mins) computed once per call. Same products, fewer multiplies; the rounding differs
-# from the tiled kernels' in the last bits.
+# elements (the K-quants' mins) computed once per call. Same products, fewer multiplies; the rounding
+# differs from the tiled kernels' in the last bits. Q8_0 is read 8 blocks (256 weights) at a time, so its
+# rows take this path when their length is a multiple of 256 (the model's always are).
 def _row_dot(block, row_bytes: int, d_at: int, dmin_at: int, a_stride: int):
-    """dot(row, x, xr, a): the row's blocks in order, each block(row, at, x[xr], .., a[xr], ..) with its
-    float16 scales d (byte d_at of the block) and dmin (dmin_at; none when < 0); a[xr] holds a_stride
-    floats per block (blocks.py says which)."""
+    """dot(row, x, xr, a): the row's 256-weight blocks in order, each block(row, at, x[xr], .., a[xr], ..)
+    with its float16 scales d (byte d_at of the block) and dmin (dmin_at); a scale at a negative offset is
+    not read (the block decodes its own); a[xr] holds a_stride floats per block (blocks.py says which)."""
 
     @njit(inline="always")
     def dot(row, x, xr, a):
@@ -445,15 +447,18 @@ def _row_dot(block, row_bytes: int, d_at: int, dmin_at: int, a_stride: int):
         acc = np.float32(0.0)
         for b in range(xrow.shape[0] // QK_K):
             at = b * row_bytes
+            d = _half(row, at + d_at) if d_at >= 0 else np.float32(0.0)
             dmin = _half(row, at + dmin_at) if dmin_at >= 0 else np.float32(0.0)
-            acc = _add_in_order(acc, block(row, at, xrow, b * QK_K, arow, b * a_stride, _half(row, at + d_at), dmin))
+            acc = _add_in_order(acc, block(row, at, xrow, b * QK_K, arow, b * a_stride, d, dmin))
         return acc
 
     return dot
 
 
 _row_q4_k = _row_dot(blocks.q4_k_f32, 144, 0, 2, 8)
+_row_q5_k = _row_dot(blocks.q5_k_f32, 176, 0, 2, 8)
 _row_q6_k = _row_dot(blocks.q6_k_f32, 210, 208, -1, 8)
+_row_q8_0 = _row_dot(blocks.q8_0_f32, 8 * 34, -1, -1, 8)
 
 
 @njit(inline="always")
@@ -478,12 +483,22 @@ def _vec_q4_k(w, sel, x, xs, out):
 
 
 @njit(cache=True, parallel=True, fastmath=FASTMATH)
+def _vec_q5_k(w, sel, x, xs, out):
+    _single_token(_row_q5_k, w, sel, x, xs, out)
+
+
+@njit(cache=True, parallel=True, fastmath=FASTMATH)
 def _vec_q6_k(w, sel, x, xs, out):
     _single_token(_row_q6_k, w, sel, x, xs, out)
 
 
-_VEC = {QT.Q4_K: _vec_q4_k, QT.Q6_K: _vec_q6_k}  # (Q8_0's tiled kernel is as fast)
-_XSUM = {QT.Q4_K: 32}  # sums of x over groups of this many elements (the mins' term)
+@njit(cache=True, parallel=True, fastmath=FASTMATH)
+def _vec_q8_0(w, sel, x, xs, out):
+    _single_token(_row_q8_0, w, sel, x, xs, out)
+
+
+_VEC = {QT.Q4_K: _vec_q4_k, QT.Q5_K: _vec_q5_k, QT.Q6_K: _vec_q6_k, QT.Q8_0: _vec_q8_0}
+_XSUM = {QT.Q4_K: 32, QT.Q5_K: 32}  # sums of x over groups of this many elements (the mins' term)
 
 
 class _Fast(NamedTuple):
@@ -579,7 +594,7 @@ def _grouped(qtype: int, fast: _Fast | None, w: np.ndarray, sel: np.ndarray, x: 
              out: np.ndarray, q8: bool = False) -> None:
     if fast is None:
         _slow_matmul(qtype, w, sel, x, kx, out)
-    elif sel.shape[0] == 1 and qtype in _VEC:  # one token: decode
+    elif sel.shape[0] == 1 and qtype in _VEC and x.shape[1] % QK_K == 0:  # one token: decode
         if sel.min() < 0 or sel.max() >= w.shape[0]:
             raise IndexError(f"expert id out of range [0, {w.shape[0]})")
         if q8:
@@ -589,7 +604,7 @@ def _grouped(qtype: int, fast: _Fast | None, w: np.ndarray, sel: np.ndarray, x: 
             return
         xs = x if qtype not in _XSUM else np.ascontiguousarray(
             x.reshape(x.shape[0], -1, _XSUM[qtype]).sum(axis=-1, dtype=np.float32))
-        _VEC[qtype](_readonly(w).view(fast.dtype), sel, _readonly(x), _readonly(xs), out)
+        _VEC[qtype](_readonly(w), sel, _readonly(x), _readonly(xs), out)
     else:
         fast.matmul(_readonly(w).view(fast.dtype), sel, _readonly(x), kx, out)
 
@@ -597,11 +612,12 @@ def _grouped(qtype: int, fast: _Fast | None, w: np.ndarray, sel: np.ndarray, x: 
 def matmul(qtype: int, w: np.ndarray, x: np.ndarray, out: np.ndarray, *, q8: bool = False) -> None:
     """out (n, R) = x (n, C) @ W^T, W given as raw GGUF rows w: uint8 (R, RB); all float32.
 
-    q8: a single token (n = 1) through Q4_K or Q6_K weights is multiplied with x quantized to 8 bits
+    q8: a single token (n = 1) through those weights is multiplied with x quantized to 8 bits
     (engine/kernels/cpu_q8.py; the cpu-q8 backend's explicit fast mode); otherwise ignored.
 
     Row t of out does not depend on the other rows of x; it is bit-identical to matvec(qtype, w, x[t]) except
-    for the types whose single token has its own kernel (Q4_K, Q6_K), where it agrees to rounding.
+    for the types whose single token has its own kernel (Q4_K, Q5_K, Q6_K, Q8_0 with C a multiple of 256),
+    where it agrees to rounding.
     """
     if x.ndim != 2:
         raise ValueError(f"x must be 2-D (n, cols), got {x.shape}")

@@ -14,8 +14,9 @@ sub-blocks and are finer. So a product here equals, to float32 rounding,
 with both dequantizes gguf-py's: tests/engine/test_cpu_q8.py checks exactly that, and the model's
 logits against llama.cpp (tests/reference/test_llama_cpp.py) and against the float32 path.
 
-What it covers: one token (decode steps; a single-token prompt) through Q4_K and Q6_K weights, the types
-of a Q4_K_M file's matmuls. Other types and prefill batches take the float32 kernels. A non-finite input
+What it covers: one token (decode steps; a single-token prompt) through Q4_K, Q5_K, Q6_K and Q8_0
+weights (Q8_0 when a row is whole 256-weight blocks, as the model's are): the types of the Q4_K_M, Q5_K_M
+and Q8_0 files. Float weights and prefill batches take the float32 kernels. A non-finite input
 block keeps its NaN/Inf as its scale, so a NaN still reaches the forward's check.
 
 Needs AVX2 and F16C (x86-64 since 2013); `unavailable()` says why not otherwise. The block dots are the
@@ -127,7 +128,9 @@ def scales_and_sums(xa: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 # ---------------------------------------------------------------------------------------------
 # the products: one token, its k experts (k = 1 for a plain matvec); rows as in cpu._single_token
 _row_q4_k = _row_dot(blocks.q4_k_q8, 144, 0, 2, 2 * PER_BLOCK)
+_row_q5_k = _row_dot(blocks.q5_k_q8, 176, 0, 2, 2 * PER_BLOCK)
 _row_q6_k = _row_dot(blocks.q6_k_q8, 210, 208, -1, 2 * PER_BLOCK)
+_row_q8_0 = _row_dot(blocks.q8_0_q8, 8 * 34, -1, -1, 2 * PER_BLOCK)
 
 
 @njit(cache=True, parallel=True, fastmath=FASTMATH)
@@ -136,11 +139,21 @@ def _vec_q4_k(w, sel, xq, xa, out):
 
 
 @njit(cache=True, parallel=True, fastmath=FASTMATH)
+def _vec_q5_k(w, sel, xq, xa, out):
+    _single_token(_row_q5_k, w, sel, xq, xa, out)
+
+
+@njit(cache=True, parallel=True, fastmath=FASTMATH)
 def _vec_q6_k(w, sel, xq, xa, out):
     _single_token(_row_q6_k, w, sel, xq, xa, out)
 
 
-VEC = {QT.Q4_K: _vec_q4_k, QT.Q6_K: _vec_q6_k}
+@njit(cache=True, parallel=True, fastmath=FASTMATH)
+def _vec_q8_0(w, sel, xq, xa, out):
+    _single_token(_row_q8_0, w, sel, xq, xa, out)
+
+
+VEC = {QT.Q4_K: _vec_q4_k, QT.Q5_K: _vec_q5_k, QT.Q6_K: _vec_q6_k, QT.Q8_0: _vec_q8_0}
 
 
 def single_token(qtype: int, w: np.ndarray, sel: np.ndarray, x: np.ndarray, out: np.ndarray) -> None:

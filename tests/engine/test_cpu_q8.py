@@ -20,7 +20,7 @@ from tests.engine.test_kernels import assert_dot_close, oracle, random_weights, 
 
 pytestmark = pytest.mark.skipif(cpu_q8.unavailable() is not None, reason=str(cpu_q8.unavailable()))
 
-Q8_TYPES = (QT.Q4_K, QT.Q6_K)
+Q8_TYPES = (QT.Q4_K, QT.Q5_K, QT.Q6_K, QT.Q8_0)
 name = lambda q: q.name  # noqa: E731
 
 
@@ -90,11 +90,13 @@ def test_a_non_finite_input_gives_non_finite_outputs(qt):
         assert not np.isfinite(out).any(), bad
 
 
-@pytest.mark.parametrize("qt", (QT.Q8_0, QT.F32, QT.Q5_K), ids=name)
-def test_other_types_ignore_q8(qt):
+@pytest.mark.parametrize("qt, cols", [(QT.F32, 256), (QT.F16, 256), (QT.BF16, 256), (QT.Q8_0, 96)],
+                         ids=["F32", "F16", "BF16", "Q8_0-96"])
+def test_other_types_and_partial_blocks_ignore_q8(qt, cols):
+    """Float weights, and Q8_0 rows that are not whole 256-weight blocks, keep the float32 kernels."""
     rng = np.random.default_rng(4)
-    raw = random_weights(qt, (20,), 256, rng)
-    x = rng.standard_normal(256).astype(np.float32)
+    raw = random_weights(qt, (20,), cols, rng)
+    x = rng.standard_normal(cols).astype(np.float32)
     a, b = np.empty(20, np.float32), np.empty(20, np.float32)
     K.matvec(qt, raw, x, a)
     K.matvec(qt, raw, x, b, q8=True)

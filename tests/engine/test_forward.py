@@ -137,7 +137,7 @@ def test_bad_token_ids_are_refused(tiny_model, bad):
 @pytest.mark.skipif(__import__("engine.kernels.cpu_q8", fromlist=["x"]).unavailable() is not None,
                     reason="8-bit activations need AVX2 and F16C")
 def test_cpu_q8_backend_rounds_decode_steps_only_and_stays_close(model_factory):
-    """cpu-q8 (8-bit inputs for single-token Q4_K/Q6_K products): a prompt (n > 1) gives the float32 logits
+    """cpu-q8 (8-bit inputs for single-token K-quant/Q8_0 products): a prompt (n > 1) gives the float32 logits
     bit for bit; decode steps differ by the input rounding only: cosine >= 0.999 (measured 0.99987) and the same argmax as
     the float32 path at every step; traced and untraced decode steps stay bit-identical."""
     path = model_factory(qtype="Q4_K_M")

@@ -62,16 +62,22 @@ def same_bits(a, b):
 
 
 def cols_for(qt, variant):
-    """Row lengths: 1 and 3 blocks, and one past a 256-element tile; odd lengths for the float types."""
+    """Row lengths: 1 and 3 blocks, one past a 256-element tile, and whole 256-element blocks (Q8_0's
+    single-token kernel reads 8 blocks at a time); odd lengths for the float types."""
     qk = block_layout(qt)[0]
     if qk == 1:
-        return (7, 33, 301)[variant]
-    return (qk, 3 * qk, 9 * qk if qk == 32 else 2 * qk)[variant]
+        return (7, 33, 301, 512)[variant]
+    return (qk, 3 * qk, 9 * qk if qk == 32 else 2 * qk, 16 * qk if qk == 32 else 4 * qk)[variant]
+
+
+def own_decode_kernel(qt, cols):
+    """Whether a single token of this type and row length takes its own kernel (cpu._VEC)."""
+    return qt in cpu._VEC and cols % 256 == 0
 
 
 @pytest.mark.parametrize("qt", FAST_TYPES, ids=name)
 @pytest.mark.parametrize("rows", [1, 3, 17, 33])
-@pytest.mark.parametrize("variant", [0, 1, 2])
+@pytest.mark.parametrize("variant", [0, 1, 2, 3])
 def test_matmul_matches_gguf_and_each_row_is_the_matvec(qt, rows, variant):
     rng = np.random.default_rng(1000 * rows + 10 * variant + int(qt))
     cols = cols_for(qt, variant)
@@ -84,7 +90,7 @@ def test_matmul_matches_gguf_and_each_row_is_the_matvec(qt, rows, variant):
     for t in range(5):  # prefill == decode: bit for bit, except where decode has its own single-token kernel
         one = np.full(rows, np.nan, np.float32)
         K.matvec(qt, raw, x[t], one)
-        if qt in cpu._VEC:
+        if own_decode_kernel(qt, cols):
             assert_dot_close(one[None], w, x[t][None])
             mag = np.abs(x[t]).astype(np.float64) @ np.abs(w).astype(np.float64).T
             assert np.all(np.abs(out[t].astype(np.float64) - one) <= 2e-5 * mag + 1e-30)  # and with the batch row
@@ -98,10 +104,11 @@ def test_matmul_matches_gguf_and_each_row_is_the_matvec(qt, rows, variant):
 @pytest.mark.parametrize("qt", FAST_TYPES, ids=name)
 @pytest.mark.parametrize("n", [1, 5])
 @pytest.mark.parametrize("per_slot", [False, True], ids=["kx=1", "kx=k"])
-def test_expert_matmul_matches_each_experts_matvec(qt, n, per_slot):
+@pytest.mark.parametrize("variant", [1, 3])
+def test_expert_matmul_matches_each_experts_matvec(qt, n, per_slot, variant):
     rng = np.random.default_rng(7 * n + per_slot + int(qt))
     E, rows, k = 6, 19, 3  # 19 rows: one full and one partial chunk of ROW_CHUNK rows
-    cols = cols_for(qt, 1)
+    cols = cols_for(qt, variant)
     raw = random_weights(qt, (E, rows), cols, rng)
     w = oracle(qt, raw)
     sel = rng.integers(0, E, size=(n, k)).astype(np.int32)
@@ -117,7 +124,7 @@ def test_expert_matmul_matches_each_experts_matvec(qt, n, per_slot):
             assert_dot_close(out[t, j][None], w[sel[t, j]], xin[None])
             single = np.empty(rows, np.float32)
             K.matvec(qt, np.ascontiguousarray(raw[sel[t, j]]), xin, single)
-            if qt in cpu._VEC and n > 1:  # a batch takes the tiled kernel, a single token its own
+            if own_decode_kernel(qt, cols) and n > 1:  # a batch takes the tiled kernel, a single token its own
                 assert_dot_close(single[None], w[sel[t, j]], xin[None])
             else:
                 assert same_bits(single, out[t, j])

@@ -72,7 +72,7 @@ def decode_logits(path, tokens, backend: str) -> np.ndarray:
     return np.concatenate([forward(model, np.array([t]), cache) for t in tokens])
 
 
-Q8_FILES = ("Q4_K", "Q6_K", "Q4_K_M")  # the types cpu-q8's kernels cover
+Q8_FILES = ("Q8_0", "Q4_K", "Q5_K", "Q6_K", "Q4_K_M")  # the types cpu-q8's kernels cover
 
 
 @pytest.mark.skipif(__import__("engine.kernels.cpu_q8", fromlist=["x"]).unavailable() is not None,
