@@ -75,6 +75,7 @@ class BenchResult:
     peak_rss_anon_mb: float
     machine: str
     backend: str = "cpu"
+    repeats: int = 1  # each speed is the best of this many runs (peer's too)
     launches_per_token: float | None = None  # kernel launches per decoded token (cuda)
     peer: dict | None = None
     ratios: dict = field(default_factory=dict)
@@ -134,8 +135,9 @@ def machine() -> str:
 
 
 def bench_engine(path: str, *, prompt_tokens: int, gen_tokens: int, threads: int, compile_times: bool = True,
-                 progress=None, backend: str = "cpu") -> BenchResult:
-    """With backend 'cuda' the same figures on the GPU, plus kernel launches per decoded token."""
+                 progress=None, backend: str = "cpu", repeats: int = 1) -> BenchResult:
+    """With backend 'cuda' the same figures on the GPU, plus kernel launches per decoded token. Each speed is
+    the best of `repeats` runs: the machines are shared, and a neighbour slows a run, never speeds it up."""
     import numba
 
     from engine.backend import unavailable_reason
@@ -164,24 +166,29 @@ def bench_engine(path: str, *, prompt_tokens: int, gen_tokens: int, threads: int
         forward(model, prompt[:4], KVCache.for_model(model, 8))  # compile (or load the cache) outside the timings
         if progress:
             progress(f"prefill of {prompt_tokens} tokens")
-        cache = KVCache.for_model(model, prompt_tokens + gen_tokens + 1)
-        t0 = time.perf_counter()
-        logits = forward(model, prompt, cache)
-        prefill = prompt_tokens / (time.perf_counter() - t0)
+        prefill = 0.0
+        for _ in range(repeats):
+            cache = KVCache.for_model(model, prompt_tokens + gen_tokens + 1)
+            t0 = time.perf_counter()
+            logits = forward(model, prompt, cache)
+            prefill = max(prefill, prompt_tokens / (time.perf_counter() - t0))
 
         launches = []
 
         def decode(recorder=None, model=model) -> float:
-            c = KVCache.for_model(model, prompt_tokens + gen_tokens + 1)
-            lg = forward(model, prompt, c)
-            kwargs = {"recorder": recorder} if recorder is not None else {}
-            before = model.backend.launches
-            t = time.perf_counter()
-            for _ in range(gen_tokens):
-                lg = forward(model, np.array([int(np.argmax(lg[-1]))]), c, **kwargs)
-            seconds = time.perf_counter() - t  # the logits came back to the host: the GPU is done
-            launches.append((model.backend.launches - before) / gen_tokens)
-            return gen_tokens / seconds
+            best = 0.0
+            for _ in range(repeats):
+                c = KVCache.for_model(model, prompt_tokens + gen_tokens + 1)
+                lg = forward(model, prompt, c)
+                kwargs = {"recorder": recorder} if recorder is not None else {}
+                before = model.backend.launches
+                t = time.perf_counter()
+                for _ in range(gen_tokens):
+                    lg = forward(model, np.array([int(np.argmax(lg[-1]))]), c, **kwargs)
+                seconds = time.perf_counter() - t  # the logits came back to the host: the GPU is done
+                launches.append((model.backend.launches - before) / gen_tokens)
+                best = max(best, gen_tokens / seconds)
+            return best
 
         if progress:
             progress(f"decode of {gen_tokens} tokens, untraced and traced")
@@ -204,6 +211,7 @@ def bench_engine(path: str, *, prompt_tokens: int, gen_tokens: int, threads: int
         traced_over_untraced=round(traced / dec, 3), decode_q8_tok_s=None if q8 is None else round(q8, 2),
         peak_rss_anon_mb=round(mem.peak, 1),
         machine=f"GPU: {model.backend.device}; host: {machine()}" if backend == "cuda" else machine(), backend=backend,
+        repeats=repeats,
         launches_per_token=launches[0] if backend == "cuda" else None)
 
 
@@ -274,8 +282,8 @@ def profile_markdown(profile: dict) -> str:
     return "\n".join(out)
 
 
-def bench_llama_cpp(path: str, *, prompt_tokens: int, gen_tokens: int, threads: int) -> dict:
-    """The same measurements with llama.cpp through llama-cpp-python."""
+def bench_llama_cpp(path: str, *, prompt_tokens: int, gen_tokens: int, threads: int, repeats: int = 1) -> dict:
+    """The same measurements with llama.cpp through llama-cpp-python, each speed the best of `repeats` runs."""
     from llama_cpp import Llama
 
     with PeakMemory() as mem:
@@ -286,19 +294,21 @@ def bench_llama_cpp(path: str, *, prompt_tokens: int, gen_tokens: int, threads: 
         rng = np.random.default_rng(0)
         prompt = [int(t) for t in rng.integers(0, min(llm.n_vocab(), 30000), size=prompt_tokens)]
         llm.eval(prompt[:4])
-        llm.reset()
-        t0 = time.perf_counter()
-        llm.eval(prompt)
-        prefill = prompt_tokens / (time.perf_counter() - t0)
-        t0 = time.perf_counter()
         n_vocab = llm.n_vocab()
 
         def last_logits() -> np.ndarray:  # llama-cpp-python keeps no scores without logits_all
             return np.ctypeslib.as_array(llm._ctx.get_logits_ith(-1), shape=(n_vocab,))
 
-        for _ in range(gen_tokens):
-            llm.eval([int(np.argmax(last_logits()))])
-        decode = gen_tokens / (time.perf_counter() - t0)
+        prefill = decode = 0.0
+        for _ in range(repeats):
+            llm.reset()
+            t0 = time.perf_counter()
+            llm.eval(prompt)
+            prefill = max(prefill, prompt_tokens / (time.perf_counter() - t0))
+            t0 = time.perf_counter()
+            for _ in range(gen_tokens):
+                llm.eval([int(np.argmax(last_logits()))])
+            decode = max(decode, gen_tokens / (time.perf_counter() - t0))
     import llama_cpp
 
     return {"engine": f"llama.cpp (llama-cpp-python {llama_cpp.__version__})", "load_s": round(load_s, 3),
@@ -335,6 +345,8 @@ def markdown(r: BenchResult) -> str:
     peer_name = p.get("engine", "llama.cpp (not installed: `pip install '.[peers]'`)")
     where = (f"backend {r.backend}" if r.backend == "cuda"
              else f"{r.threads} threads" + ("" if r.backend == "cpu" else f", backend {r.backend}"))
+    if r.repeats > 1:
+        where += f", speeds the best of {r.repeats} runs"
     out = [f"`trace bench {r.model}` — {r.file_gb} GB, {where}, {r.machine}", "",
            f"| figure | moe-workbench | {peer_name} | ratio |", "|---|---|---|---|"]
     ratio = {"prefill": r.ratios.get("prefill"), "decode": r.ratios.get("decode"), "decode_q8": r.ratios.get("decode_q8")}

@@ -262,6 +262,9 @@ def synth(shape, layers, qtype, seed, output):
 @click.option("--prompt-tokens", type=click.IntRange(1, 32768), default=128, show_default=True)
 @click.option("--gen-tokens", type=click.IntRange(1, 4096), default=32, show_default=True)
 @click.option("--threads", type=click.IntRange(1, 1024), default=None, help="Numba threads [default: all cores].")
+@click.option("--repeats", type=click.IntRange(1, 50), default=3, show_default=True,
+              help="Measure each speed this many times and keep the best, for both engines (shared machines only "
+                   "ever slow a run down).")
 @click.option("--peer", type=click.Choice(["llama.cpp", "none"]), default="llama.cpp", show_default=True,
               help="Also measure llama.cpp (llama-cpp-python) on the same file in the same run, when installed.")
 @click.option("--no-compile-times", is_flag=True, help="Skip the cold/warm first-call measurements.")
@@ -273,7 +276,7 @@ def synth(shape, layers, qtype, seed, output):
                    "'<!-- trace bench NAME: begin -->' and '<!-- trace bench NAME: end -->' (repeatable).")
 @click.option("--section", default="cpu", show_default=True, help="NAME of the marked section --update replaces.")
 @backend_option
-def bench(model_path, prompt_tokens, gen_tokens, threads, peer, no_compile_times, profile, as_json, as_markdown,
+def bench(model_path, prompt_tokens, gen_tokens, threads, repeats, peer, no_compile_times, profile, as_json, as_markdown,
           update_docs, section, backend):
     """Measure load, compile, prefill, decode and traced decode speed and peak memory, beside llama.cpp."""
     import os
@@ -294,7 +297,7 @@ def bench(model_path, prompt_tokens, gen_tokens, threads, peer, no_compile_times
     threads = threads or os.cpu_count() or 1
     with progress.status(f"benchmarking moe-workbench ({backend})"):
         result = B.bench_engine(model_path, prompt_tokens=prompt_tokens, gen_tokens=gen_tokens, threads=threads,
-                                compile_times=not no_compile_times, backend=backend,
+                                compile_times=not no_compile_times, backend=backend, repeats=repeats,
                                 progress=lambda m: None if progress._quiet else click.echo(f"  {m}", err=True))
     peer_result = None
     if peer == "llama.cpp":
@@ -305,7 +308,7 @@ def bench(model_path, prompt_tokens, gen_tokens, threads, peer, no_compile_times
         else:
             with progress.status("benchmarking llama.cpp on the same file"):
                 peer_result = B.bench_llama_cpp(model_path, prompt_tokens=prompt_tokens, gen_tokens=gen_tokens,
-                                                threads=threads)
+                                                threads=threads, repeats=repeats)
     result = B.with_peer(result, peer_result)
     if profile:
         with progress.status("timing each operation of a decode step"):

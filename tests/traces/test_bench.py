@@ -14,7 +14,7 @@ KEYS = ("prefill_tok_s", "decode_tok_s", "decode_traced_tok_s", "load_s", "peak_
 @pytest.mark.slow
 def test_bench_json_has_its_fields(cli, tiny_path):
     proc = cli("bench", tiny_path, "--prompt-tokens", "8", "--gen-tokens", "4", "--threads", "1", "--json",
-               "--peer", "none")
+               "--peer", "none", "--repeats", "2")
     assert proc.returncode == 0, proc.stderr
     out = json.loads(proc.stdout)
     for key in KEYS:
@@ -22,7 +22,7 @@ def test_bench_json_has_its_fields(cli, tiny_path):
     for key in ("prefill_tok_s", "decode_tok_s", "decode_traced_tok_s", "load_s", "peak_rss_anon_mb",
                 "compile_cold_s", "compile_warm_s", "start_to_first_token_warm_s"):
         assert isinstance(out[key], float) and out[key] > 0, key
-    assert out["threads"] == 1 and out["peer"] is None
+    assert out["threads"] == 1 and out["peer"] is None and out["repeats"] == 2
     assert out["decode_q8_tok_s"] is None  # an F32 file: 8-bit activations would change nothing
 
 
