@@ -18,6 +18,9 @@ by the 8 sums of the dequantized inputs. d and dmin are the block's float16 scal
 caller (cpu._row_dot). Sums are in an order fixed when the kernel compiles. The generic IR (everything
 but the `_q8` products) compiles for any target LLVM supports.
 
+Numba's on-disk cache checks the source file of each cached kernel (cpu.py, cpu_q8.py), not of the
+intrinsics they inline: after editing this file, touch those two (or clear their __pycache__).
+
 Block layouts as in ggml-common.h: Q4_K is d, dmin (f16), 12 bytes of packed 6-bit scales and mins,
 128 bytes of nibbles (32 bytes per 64 weights: low nibbles the first 32, high nibbles the next 32);
 Q6_K is 128 bytes of low nibbles, 64 of 2-bit high parts, 16 int8 scales (one per 16 weights), d.
@@ -173,91 +176,87 @@ class BlockIR:
         return acc
 
 
-def _signature(row, x, a):
-    if not (isinstance(row, types.Array) and row.dtype == types.uint8 and row.ndim == 1
-            and isinstance(x, types.Array) and x.ndim == 1 and x.dtype in (types.float32, types.int8)
-            and isinstance(a, types.Array) and a.dtype == types.float32 and a.ndim == 1):
-        return None
-    return types.float32(row, types.intp, x, types.intp, a, types.intp, types.float32, types.float32)
+def _block(x_dtype, name: str | None = None):
+    """Make an intrinsic (row, base, x, xo, a, ai, d, dmin) -> float32 for inputs x of `x_dtype` from
+    body(g, base, xo, ai, d, dmin) -> the float IR value; the array arguments are g's 0 (row), 2 (x), 4 (a)."""
+
+    def wrap(body):
+        def typer(typingctx, row, base, x, xo, a, ai, d, dmin):
+            if not (isinstance(row, types.Array) and row.dtype == types.uint8 and row.ndim == 1
+                    and isinstance(x, types.Array) and x.ndim == 1 and x.dtype == x_dtype
+                    and isinstance(a, types.Array) and a.dtype == types.float32 and a.ndim == 1):
+                return None
+
+            def codegen(context, builder, sig, args):
+                return body(BlockIR(context, builder, sig, args), args[1], args[3], args[5], args[6], args[7])
+
+            return types.float32(row, types.intp, x, types.intp, a, types.intp, types.float32, types.float32), codegen
+
+        typer.__name__ = typer.__qualname__ = name or body.__name__
+        typer.__doc__ = body.__doc__
+        return intrinsic(typer)
+
+    return wrap
 
 
-def _k_f32(qs_at: int, qh_at: int | None, name: str):
-    def q_k_f32(typingctx, row, base, x, xo, a, ai, d, dmin):
-        if not (isinstance(x, types.Array) and x.dtype == types.float32):
-            return None
-
-        def codegen(context, builder, sig, args):
-            g = BlockIR(context, builder, sig, args)
-            b, base_, xo_, ai_, d_, dmin_ = builder, args[1], args[3], args[5], args[6], args[7]
-            scales, mins = g.q4_k_scales(base_)
-            accs = []
-            for k in range(4):
-                acc = None
-                for j, codes in zip((2 * k, 2 * k + 1), g.k_codes(base_, k, qs_at, qh_at)):
-                    part = g.fdot(codes, 0, 4, 2, b.add(xo_, ir.Constant(xo_.type, 32 * j)), signed=False)
-                    sc = g.splat(g.lane(scales, j))
-                    acc = b.fmul(part, sc) if acc is None else g.muladd(part, sc, acc)
-                accs.append(acc)
-            m = g.hsum(b.fmul(mins, g.load(g.at(4, ai_), F32x8)))
-            return b.fsub(b.fmul(d_, g.hsum(g.tree(accs))), b.fmul(dmin_, m))
-
-        return _signature(row, x, a), codegen
-
-    q_k_f32.__name__ = q_k_f32.__qualname__ = name
-    q_k_f32.__doc__ = (f"{name[:4].upper()}: d * sum_g sc_g * sum_l q_l * x_l - dmin * sum_g m_g * a[ai + g] "
-                       "(a: the sums of x per 32).")
-    return intrinsic(q_k_f32)
+def _plus(g: BlockIR, offset, n: int):
+    return g.b.add(offset, ir.Constant(offset.type, n))
 
 
-q4_k_f32 = _k_f32(16, None, "q4_k_f32")
-q5_k_f32 = _k_f32(48, 16, "q5_k_f32")
+def _k_f32(qs_at: int, qh_at: int | None):
+    def body(g, base, xo, ai, d, dmin):
+        """Q4_K / Q5_K: d * sum_g sc_g * sum_l q_l * x_l - dmin * sum_g m_g * a[ai + g] (a: the sums of x per 32)."""
+        b = g.b
+        scales, mins = g.q4_k_scales(base)
+        accs = []
+        for k in range(4):
+            acc = None
+            for j, codes in zip((2 * k, 2 * k + 1), g.k_codes(base, k, qs_at, qh_at)):
+                part = g.fdot(codes, 0, 4, 2, _plus(g, xo, 32 * j), signed=False)
+                sc = g.splat(g.lane(scales, j))
+                acc = b.fmul(part, sc) if acc is None else g.muladd(part, sc, acc)
+            accs.append(acc)
+        m = g.hsum(b.fmul(mins, g.load(g.at(4, ai), F32x8)))
+        return b.fsub(b.fmul(d, g.hsum(g.tree(accs))), b.fmul(dmin, m))
+
+    return body
 
 
-@intrinsic
-def q8_0_f32(typingctx, row, base, x, xo, a, ai, d, dmin):
+q4_k_f32 = _block(types.float32, "q4_k_f32")(_k_f32(16, None))
+q5_k_f32 = _block(types.float32, "q5_k_f32")(_k_f32(48, 16))
+
+
+@_block(types.float32)
+def q8_0_f32(g, base, xo, ai, d, dmin):
     """8 Q8_0 blocks (34 bytes each: f16 d, 32 int8) as one 256-weight block: sum_i d_i * sum_l q_l * x_l
     (a, ai, d and dmin unused)."""
-    if not (isinstance(x, types.Array) and x.dtype == types.float32):
-        return None
-
-    def codegen(context, builder, sig, args):
-        g = BlockIR(context, builder, sig, args)
-        b, base_, xo_ = builder, args[1], args[3]
-        ds = g.halves8(base_, 0, 34)
-        accs = [None, None]
-        for i in range(8):
-            codes = g.load(g.at(0, base_, 34 * i + 2), V8x32)
-            part = g.fdot(codes, 0, 4, 2, b.add(xo_, ir.Constant(xo_.type, 32 * i)), signed=True)
-            di = g.splat(g.lane(ds, i))
-            accs[i % 2] = b.fmul(part, di) if accs[i % 2] is None else g.muladd(part, di, accs[i % 2])
-        return g.hsum(g.tree(accs))
-
-    return _signature(row, x, a), codegen
+    b = g.b
+    ds = g.halves8(base, 0, 34)
+    accs = [None, None]
+    for i in range(8):
+        codes = g.load(g.at(0, base, 34 * i + 2), V8x32)
+        part = g.fdot(codes, 0, 4, 2, _plus(g, xo, 32 * i), signed=True)
+        di = g.splat(g.lane(ds, i))
+        accs[i % 2] = b.fmul(part, di) if accs[i % 2] is None else g.muladd(part, di, accs[i % 2])
+    return g.hsum(g.tree(accs))
 
 
-@intrinsic
-def q6_k_f32(typingctx, row, base, x, xo, a, ai, d, dmin):
+@_block(types.float32)
+def q6_k_f32(g, base, xo, ai, d, dmin):
     """d * sum over the 16 sub-blocks of sc_s * sum_l (q_l - 32) * x_l (a, ai and dmin unused)."""
-    if not (isinstance(x, types.Array) and x.dtype == types.float32):
-        return None
-
-    def codegen(context, builder, sig, args):
-        g = BlockIR(context, builder, sig, args)
-        b, base_, xo_, d_ = builder, args[1], args[3], args[6]
-        accs = [None] * 4
-        for h in range(2):
-            half = g.q6_k_half(base_, h)
-            scales = b.sitofp(half[3], F32x8)
-            for k in range(4):
-                codes = g.q6_k_codes(half, k)
-                xo_k = b.add(xo_, ir.Constant(xo_.type, 128 * h + 32 * k))
-                for j in range(2):  # 16 weights per scale
-                    part = g.fdot(codes, 16 * j, 2, 2, xo_k, signed=True)
-                    sc = g.splat(g.lane(scales, 2 * k + j))
-                    accs[k] = b.fmul(part, sc) if accs[k] is None else g.muladd(part, sc, accs[k])
-        return b.fmul(d_, g.hsum(g.tree(accs)))
-
-    return _signature(row, x, a), codegen
+    b = g.b
+    accs = [None] * 4
+    for h in range(2):
+        half = g.q6_k_half(base, h)
+        scales = b.sitofp(half[3], F32x8)
+        for k in range(4):
+            codes = g.q6_k_codes(half, k)
+            xo_k = _plus(g, xo, 128 * h + 32 * k)
+            for j in range(2):  # 16 weights per scale
+                part = g.fdot(codes, 16 * j, 2, 2, xo_k, signed=True)
+                sc = g.splat(g.lane(scales, 2 * k + j))
+                accs[k] = b.fmul(part, sc) if accs[k] is None else g.muladd(part, sc, accs[k])
+    return b.fmul(d, g.hsum(g.tree(accs)))
 
 
 # -- 8-bit inputs (AVX2) ------------------------------------------------------------------------------
@@ -272,36 +271,6 @@ def _idot(g: BlockIR, u, s, scales16):
     return g.b.sitofp(g.b.call(wd, [g.b.call(madd, [u, s]), scales16]), F32x8)
 
 
-def _k_q8(qs_at: int, qh_at: int | None, name: str):
-    def q_k_q8(typingctx, row, base, x, xo, a, ai, d, dmin):
-        if not (isinstance(x, types.Array) and x.dtype == types.int8):
-            return None
-
-        def codegen(context, builder, sig, args):
-            g = BlockIR(context, builder, sig, args)
-            b, base_, xo_, ai_, d_, dmin_ = builder, args[1], args[3], args[5], args[6], args[7]
-            scales, mins = g.q4_k_scales(base_)
-            coef = b.fmul(scales, g.load(g.at(4, ai_), F32x8))
-            acc = ir.Constant(F32x8, [0.0] * 8)
-            for k in range(4):
-                for j, codes in zip((2 * k, 2 * k + 1), g.k_codes(base_, k, qs_at, qh_at)):
-                    xv = g.load(g.at(2, xo_, 32 * j), V8x32)
-                    acc = g.muladd(_idot(g, codes, xv, _ONES16), g.splat(g.lane(coef, j)), acc)
-            m = g.hsum(b.fmul(mins, g.load(g.at(4, ai_, 8), F32x8)))
-            return b.fsub(b.fmul(d_, g.hsum(acc)), b.fmul(dmin_, m))
-
-        return _signature(row, x, a), codegen
-
-    q_k_q8.__name__ = q_k_q8.__qualname__ = name
-    q_k_q8.__doc__ = (f"{name[:4].upper()}: d * sum_g sc_g * xd_g * isum_g - dmin * sum_g m_g * xsum_g; "
-                      "xd = a[ai:ai + 8], xsum = a[ai + 8:ai + 16].")
-    return intrinsic(q_k_q8)
-
-
-q4_k_q8 = _k_q8(16, None, "q4_k_q8")
-q5_k_q8 = _k_q8(48, 16, "q5_k_q8")
-
-
 def _signed_idot(g: BlockIR, q, xv, scales16):
     """_idot of signed codes q: vpmaddubsw wants an unsigned operand, so |q| times sign(xq, q)."""
     absf = g.fn("llvm.abs.v32i8", V8x32, [V8x32, I1])
@@ -309,46 +278,52 @@ def _signed_idot(g: BlockIR, q, xv, scales16):
     return _idot(g, g.b.call(absf, [q, ir.Constant(I1, 0)]), g.b.call(sign, [xv, q]), scales16)
 
 
-@intrinsic
-def q8_0_q8(typingctx, row, base, x, xo, a, ai, d, dmin):
+def _k_q8(qs_at: int, qh_at: int | None):
+    def body(g, base, xo, ai, d, dmin):
+        """Q4_K / Q5_K with 8-bit inputs: d * sum_g sc_g * xd_g * isum_g - dmin * sum_g m_g * xsum_g;
+        xd = a[ai:ai + 8], xsum = a[ai + 8:ai + 16]."""
+        b = g.b
+        scales, mins = g.q4_k_scales(base)
+        coef = b.fmul(scales, g.load(g.at(4, ai), F32x8))
+        acc = ir.Constant(F32x8, [0.0] * 8)
+        for k in range(4):
+            for j, codes in zip((2 * k, 2 * k + 1), g.k_codes(base, k, qs_at, qh_at)):
+                xv = g.load(g.at(2, xo, 32 * j), V8x32)
+                acc = g.muladd(_idot(g, codes, xv, _ONES16), g.splat(g.lane(coef, j)), acc)
+        m = g.hsum(b.fmul(mins, g.load(g.at(4, ai, 8), F32x8)))
+        return b.fsub(b.fmul(d, g.hsum(acc)), b.fmul(dmin, m))
+
+    return body
+
+
+q4_k_q8 = _block(types.int8, "q4_k_q8")(_k_q8(16, None))
+q5_k_q8 = _block(types.int8, "q5_k_q8")(_k_q8(48, 16))
+
+
+@_block(types.int8)
+def q8_0_q8(g, base, xo, ai, d, dmin):
     """8 Q8_0 blocks with 8-bit inputs: sum_i d_i * xd_i * sum_l q_l * xq_l, xd = a[ai:ai + 8]."""
-    if not (isinstance(x, types.Array) and x.dtype == types.int8):
-        return None
-
-    def codegen(context, builder, sig, args):
-        g = BlockIR(context, builder, sig, args)
-        b, base_, xo_, ai_ = builder, args[1], args[3], args[5]
-        coef = b.fmul(g.halves8(base_, 0, 34), g.load(g.at(4, ai_), F32x8))
-        acc = ir.Constant(F32x8, [0.0] * 8)
-        for i in range(8):
-            q = g.load(g.at(0, base_, 34 * i + 2), V8x32)
-            xv = g.load(g.at(2, xo_, 32 * i), V8x32)
-            acc = g.muladd(_signed_idot(g, q, xv, _ONES16), g.splat(g.lane(coef, i)), acc)
-        return g.hsum(acc)
-
-    return _signature(row, x, a), codegen
+    coef = g.b.fmul(g.halves8(base, 0, 34), g.load(g.at(4, ai), F32x8))
+    acc = ir.Constant(F32x8, [0.0] * 8)
+    for i in range(8):
+        q = g.load(g.at(0, base, 34 * i + 2), V8x32)
+        xv = g.load(g.at(2, xo, 32 * i), V8x32)
+        acc = g.muladd(_signed_idot(g, q, xv, _ONES16), g.splat(g.lane(coef, i)), acc)
+    return g.hsum(acc)
 
 
-@intrinsic
-def q6_k_q8(typingctx, row, base, x, xo, a, ai, d, dmin):
+@_block(types.int8)
+def q6_k_q8(g, base, xo, ai, d, dmin):
     """d * sum_g xd_g * sum_l sc(l) * (q_l - 32) * xq_l, xd = a[ai:ai + 8]."""
-    if not (isinstance(x, types.Array) and x.dtype == types.int8):
-        return None
-
-    def codegen(context, builder, sig, args):
-        g = BlockIR(context, builder, sig, args)
-        b, base_, xo_, ai_, d_ = builder, args[1], args[3], args[5], args[6]
-        xd = g.load(g.at(4, ai_), F32x8)
-        acc = ir.Constant(F32x8, [0.0] * 8)
-        for h in range(2):
-            half = g.q6_k_half(base_, h)
-            sc16 = b.sext(half[3], V16x8)
-            for k in range(4):
-                q = g.q6_k_codes(half, k)
-                xv = g.load(g.at(2, xo_, 128 * h + 32 * k), V8x32)
-                scales = g.shuffle(sc16, sc16, [2 * k] * 8 + [2 * k + 1] * 8)  # one per 16 weights
-                part = _signed_idot(g, q, xv, scales)
-                acc = g.muladd(part, g.splat(g.lane(xd, 4 * h + k)), acc)
-        return b.fmul(d_, g.hsum(acc))
-
-    return _signature(row, x, a), codegen
+    b = g.b
+    xd = g.load(g.at(4, ai), F32x8)
+    acc = ir.Constant(F32x8, [0.0] * 8)
+    for h in range(2):
+        half = g.q6_k_half(base, h)
+        sc16 = b.sext(half[3], V16x8)
+        for k in range(4):
+            q = g.q6_k_codes(half, k)
+            xv = g.load(g.at(2, xo, 128 * h + 32 * k), V8x32)
+            scales = g.shuffle(sc16, sc16, [2 * k] * 8 + [2 * k + 1] * 8)  # one per 16 weights
+            acc = g.muladd(_signed_idot(g, q, xv, scales), g.splat(g.lane(xd, 4 * h + k)), acc)
+    return b.fmul(d, g.hsum(acc))
