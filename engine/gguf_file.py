@@ -369,7 +369,9 @@ def open_gguf(path: str | os.PathLike) -> GGUFFile:
         elems, nbytes = block_layout(t.qtype)
         row_bytes = t.dims[0] // elems * nbytes
         start = header.data_start + t.offset
-        raw = data[start : start + t.n_bytes].reshape(t.shape[:-1] + (row_bytes,))
+        # a plain read-only ndarray over the map (its base keeps the map open): the kernels take it as is
+        raw = data[start : start + t.n_bytes].reshape(t.shape[:-1] + (row_bytes,)).view(np.ndarray)
+        raw.flags.writeable = False
         tensors[t.name] = TensorInfo(t.name, t.qtype, t.shape, raw)
     return GGUFFile(path=path, size=header.size, version=header.version, metadata=metadata, tensors=tensors)
 

@@ -464,8 +464,12 @@ _row_q8_0 = _row_dot(blocks.q8_0_f32, 8 * 34, -1, -1, 8)
 @njit(inline="always")
 def _single_token(dot, w, sel, x, xs, out):
     """out (k, R)[j, r] = W[sel[0, j], r] . x[j if x has k rows else 0]: one token, its k experts (k = 1
-    for a plain matvec). Work items are (expert slot, chunk of 16 rows)."""
+    for a plain matvec). Work items are (expert slot, chunk of 16 rows). Expert ids are checked here,
+    before any row is read (the block dots' loads are not bounds-checked)."""
     k = sel.shape[1]
+    for j in range(k):
+        if sel[0, j] < 0 or sel[0, j] >= w.shape[0]:
+            raise IndexError("expert id out of range")
     rows = w.shape[1]
     n_chunks = (rows + ROW_CHUNK - 1) // ROW_CHUNK
     for item in prange(k * n_chunks):
@@ -477,28 +481,41 @@ def _single_token(dot, w, sel, x, xs, out):
             out[j, r] = dot(w[e, r], x, xr, xs)
 
 
+@njit(inline="always")
+def _sums_of_32(x):
+    """(m, C/32) float32 sums of each 32 inputs of x (m, C): the K-quants' mins term."""
+    xs = np.empty((x.shape[0], x.shape[1] // 32), np.float32)
+    for r in range(x.shape[0]):
+        for g in range(xs.shape[1]):
+            acc = np.float32(0.0)
+            for i in range(32):
+                acc += x[r, 32 * g + i]
+            xs[r, g] = acc
+    return xs
+
+
+# w (E, R, RB) uint8; sel int32 (1, k); x f32 (1 or k, C), C a multiple of 256; out f32 (k, R)
 @njit(cache=True, parallel=True, fastmath=FASTMATH)
-def _vec_q4_k(w, sel, x, xs, out):
-    _single_token(_row_q4_k, w, sel, x, xs, out)
+def _vec_q4_k(w, sel, x, out):
+    _single_token(_row_q4_k, w, sel, x, _sums_of_32(x), out)
 
 
 @njit(cache=True, parallel=True, fastmath=FASTMATH)
-def _vec_q5_k(w, sel, x, xs, out):
-    _single_token(_row_q5_k, w, sel, x, xs, out)
+def _vec_q5_k(w, sel, x, out):
+    _single_token(_row_q5_k, w, sel, x, _sums_of_32(x), out)
 
 
 @njit(cache=True, parallel=True, fastmath=FASTMATH)
-def _vec_q6_k(w, sel, x, xs, out):
-    _single_token(_row_q6_k, w, sel, x, xs, out)
+def _vec_q6_k(w, sel, x, out):
+    _single_token(_row_q6_k, w, sel, x, x, out)  # (no mins: the last argument is not read)
 
 
 @njit(cache=True, parallel=True, fastmath=FASTMATH)
-def _vec_q8_0(w, sel, x, xs, out):
-    _single_token(_row_q8_0, w, sel, x, xs, out)
+def _vec_q8_0(w, sel, x, out):
+    _single_token(_row_q8_0, w, sel, x, x, out)
 
 
 _VEC = {QT.Q4_K: _vec_q4_k, QT.Q5_K: _vec_q5_k, QT.Q6_K: _vec_q6_k, QT.Q8_0: _vec_q8_0}
-_XSUM = {QT.Q4_K: 32, QT.Q5_K: 32}  # sums of x over groups of this many elements (the mins' term)
 
 
 class _Fast(NamedTuple):
@@ -595,16 +612,12 @@ def _grouped(qtype: int, fast: _Fast | None, w: np.ndarray, sel: np.ndarray, x: 
     if fast is None:
         _slow_matmul(qtype, w, sel, x, kx, out)
     elif sel.shape[0] == 1 and qtype in _VEC and x.shape[1] % QK_K == 0:  # one token: decode
-        if sel.min() < 0 or sel.max() >= w.shape[0]:
-            raise IndexError(f"expert id out of range [0, {w.shape[0]})")
         if q8:
-            from .cpu_q8 import single_token
+            from .cpu_q8 import kernel
 
-            single_token(qtype, _readonly(w), sel, _readonly(x), out)
-            return
-        xs = x if qtype not in _XSUM else np.ascontiguousarray(
-            x.reshape(x.shape[0], -1, _XSUM[qtype]).sum(axis=-1, dtype=np.float32))
-        _VEC[qtype](_readonly(w), sel, _readonly(x), _readonly(xs), out)
+            kernel(qtype)(_readonly(w), sel, _readonly(x), out)
+        else:
+            _VEC[qtype](_readonly(w), sel, _readonly(x), out)
     else:
         fast.matmul(_readonly(w).view(fast.dtype), sel, _readonly(x), kx, out)
 

@@ -26,6 +26,8 @@ over rows, experts and blocks are cpu.py's.
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 from llvmlite import ir
 from numba import njit, types
@@ -39,6 +41,7 @@ Q8_BLOCK = 32  # input elements per scale
 PER_BLOCK = QK_K // Q8_BLOCK  # scales per 256-element block
 
 
+@functools.cache
 def unavailable() -> str | None:
     """None when this CPU runs the 8-bit kernels; else why not, in one line."""
     try:
@@ -110,13 +113,17 @@ def _quantize_rows(x, xq, xa):
             xa[r, at + PER_BLOCK] = xa[r, at] * np.float32(total)
 
 
-def quantize_rows(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(xq, xa) of a C-contiguous float32 (m, C), C a multiple of 256 (see _quantize_rows)."""
-    m, cols = x.shape
-    xq = np.empty((m, cols), np.int8)
-    xa = np.empty((m, cols // QK_K * 2 * PER_BLOCK), np.float32)
+@njit(cache=True)
+def _quantized(x):
+    xq = np.empty(x.shape, np.int8)
+    xa = np.empty((x.shape[0], x.shape[1] // QK_K * 2 * PER_BLOCK), np.float32)
     _quantize_rows(x, xq, xa)
     return xq, xa
+
+
+def quantize_rows(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(xq, xa) of a C-contiguous float32 (m, C), C a multiple of 256 (see _quantize_rows)."""
+    return _quantized(x)
 
 
 def scales_and_sums(xa: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -133,31 +140,38 @@ _row_q6_k = _row_dot(blocks.q6_k_q8, 210, 208, -1, 2 * PER_BLOCK)
 _row_q8_0 = _row_dot(blocks.q8_0_q8, 8 * 34, -1, -1, 2 * PER_BLOCK)
 
 
+# w (E, R, RB) uint8; sel int32 (1, k); x f32 (1 or k, C), C a multiple of 256; out f32 (k, R). The input
+# is quantized first, serially (a few thousand values), then the rows are dotted in parallel.
 @njit(cache=True, parallel=True, fastmath=FASTMATH)
-def _vec_q4_k(w, sel, xq, xa, out):
+def _vec_q4_k(w, sel, x, out):
+    xq, xa = _quantized(x)
     _single_token(_row_q4_k, w, sel, xq, xa, out)
 
 
 @njit(cache=True, parallel=True, fastmath=FASTMATH)
-def _vec_q5_k(w, sel, xq, xa, out):
+def _vec_q5_k(w, sel, x, out):
+    xq, xa = _quantized(x)
     _single_token(_row_q5_k, w, sel, xq, xa, out)
 
 
 @njit(cache=True, parallel=True, fastmath=FASTMATH)
-def _vec_q6_k(w, sel, xq, xa, out):
+def _vec_q6_k(w, sel, x, out):
+    xq, xa = _quantized(x)
     _single_token(_row_q6_k, w, sel, xq, xa, out)
 
 
 @njit(cache=True, parallel=True, fastmath=FASTMATH)
-def _vec_q8_0(w, sel, xq, xa, out):
+def _vec_q8_0(w, sel, x, out):
+    xq, xa = _quantized(x)
     _single_token(_row_q8_0, w, sel, xq, xa, out)
 
 
 VEC = {QT.Q4_K: _vec_q4_k, QT.Q5_K: _vec_q5_k, QT.Q6_K: _vec_q6_k, QT.Q8_0: _vec_q8_0}
 
 
-def single_token(qtype: int, w: np.ndarray, sel: np.ndarray, x: np.ndarray, out: np.ndarray) -> None:
-    """cpu._grouped's one-token case with 8-bit inputs: w uint8 (E, R, RB) read-only, sel int32 (1, k)
-    checked, x float32 (1 or k, C) read-only, out float32 (k, R)."""
-    xq, xa = quantize_rows(x)
-    VEC[qtype](w, sel, xq, xa, out)
+def kernel(qtype: int):
+    """The one-token kernel of qtype; RuntimeError (one line) on a CPU that cannot run it, before LLVM
+    would be asked to compile AVX2 instructions for it."""
+    if (why := unavailable()) is not None:
+        raise RuntimeError(why)
+    return VEC[qtype]

@@ -128,13 +128,24 @@ def test_8_bit_differs_from_float32_by_the_input_rounding_only():
     assert 1e-6 < rel < 2e-2, rel
 
 
-def test_a_cpu_without_avx2_gets_one_line(monkeypatch):
+@pytest.fixture
+def cpu_without_avx2(monkeypatch):
     from llvmlite import binding
 
     monkeypatch.setattr(binding, "get_host_cpu_features", lambda: {"sse2": True})
+    cpu_q8.unavailable.cache_clear()  # the answer is cached per process
+    yield
+    cpu_q8.unavailable.cache_clear()
+
+
+def test_a_cpu_without_avx2_gets_one_line(cpu_without_avx2):
     with pytest.raises(BackendUnavailable) as err:
         check_available("cpu-q8")
     assert "AVX2" in str(err.value) and "avx2 and f16c" in str(err.value) and "\n" not in str(err.value)
+    # the kernels' own entry refuses too, before anything is compiled for the missing instructions
+    raw = random_weights(QT.Q4_K, (4,), 256, np.random.default_rng(0))
+    with pytest.raises(RuntimeError, match="AVX2"):
+        K.matvec(QT.Q4_K, raw, np.ones(256, np.float32), np.empty(4, np.float32), q8=True)
 
 
 def test_cli_runs_the_cpu_q8_backend_and_the_payload_says_so(cli, model_factory, tmp_path):

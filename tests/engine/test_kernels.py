@@ -197,9 +197,13 @@ def test_malformed_arguments_raise_value_error():
         K.matmul(QT.Q4_K, raw, x, np.empty((2, 5), np.float32))
     with pytest.raises(ValueError, match="out"):
         K.matvec(QT.Q4_K, raw, x[0], np.empty((4, 2), np.float32)[:, 0])  # strided: results would be lost
-    with pytest.raises(IndexError):  # expert 2 of 2
-        K.expert_matmul(QT.Q4_K, raw.reshape(2, 2, -1), np.array([[2]], np.int32), x[:1, None],
-                        np.empty((1, 1, 2), np.float32))
+    from engine.kernels.cpu_q8 import unavailable
+
+    q8s = (False, True) if unavailable() is None else (False,)
+    for bad, q8 in [(bad, q8) for bad in (2, -1) for q8 in q8s]:  # experts 0 and 1 only; the decode kernels
+        with pytest.raises(IndexError):                           # check before reading a row
+            K.expert_matmul(QT.Q4_K, raw.reshape(2, 2, -1), np.array([[0, bad]], np.int32), x[:1, None],
+                            np.empty((1, 2, 2), np.float32), q8=q8)
 
 
 @pytest.mark.parametrize("qt", (QT.Q4_K, QT.F16), ids=name)
