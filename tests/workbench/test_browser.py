@@ -167,9 +167,10 @@ def test_html_in_token_texts_is_shown_as_text_and_never_runs(server, store_dir):
             page.get_by_text("uploaded payloads").click()
             inputs = page.locator("[data-testid='stFileUploaderDropzoneInput']")
             inputs.first.wait_for(state="attached", timeout=60_000)
-            for i in range(2):
-                inputs.nth(i).set_input_files(files=[{"name": f"p{i}.json", "mimeType": "application/json",
+            for i in range(2):  # one at a time: each upload reruns the page, and a busy machine can lose a
+                inputs.nth(i).set_input_files(files=[{"name": f"p{i}.json", "mimeType": "application/json",  # race
                                                       "buffer": body}])
+                page.get_by_text(f"p{i}.json").first.wait_for(timeout=60_000)
             page.get_by_text("No divergence").wait_for(timeout=120_000)
             page.wait_for_selector(f"{CHART} .barlayer", timeout=120_000)
             inert(page, "diff", SCRIPT)
