@@ -81,19 +81,19 @@ class TraceRecorder(Recorder):
         r["expert_weights"].append(np.array(expert_weights, dtype=np.float32))
 
     def logits(self, positions, logits):
-        from engine.kernels import activation_stats  # here: `trace ls` and friends need no Numba
+        from engine.kernels import activation_stats, softmax_parts  # here: `trace ls` and friends need no Numba
 
         k = min(self.top_k, logits.shape[-1])
         for pos, row in zip(positions, logits):
             top = top_ids(row, k)
-            finite = row[np.isfinite(row)]
-            if finite.size:
-                e = np.exp((row - finite.max()).astype(np.float64))
-                probs = (e / np.nansum(e)).astype(np.float32)
+            peak, denominator = softmax_parts(row)  # softmax over the whole row, evaluated at the top k only
+            if np.isfinite(peak):
+                with np.errstate(invalid="ignore"):
+                    probs = (np.exp(row[top].astype(np.float64) - peak) / denominator).astype(np.float32)
             else:
-                probs = np.full_like(row, np.nan)
+                probs = np.full(top.shape, np.nan, np.float32)
             self.logits_records.append(
-                LogitsRecord(int(pos), activation_stats(row), top.astype(np.int64), row[top].copy(), probs[top])
+                LogitsRecord(int(pos), activation_stats(row), top.astype(np.int64), row[top].copy(), probs)
             )
         if self.keep_last_logits:
             self.last_logits = np.array(logits[-1], dtype=np.float32)

@@ -697,6 +697,27 @@ def dequantize_rows(qtype: int, w: np.ndarray, cols: int) -> np.ndarray:
 
 
 # ---------------------------------------------------------------------------------------------
+# softmax of a logit row without materialising it (the recorder wants the probabilities of its top-k)
+@njit(cache=True)
+def _softmax_parts(row):
+    m = -np.inf
+    for v in row:
+        if np.isfinite(v) and v > m:
+            m = np.float64(v)
+    total = 0.0
+    for v in row:
+        if not np.isnan(v):
+            total += math.exp(np.float64(v) - m)
+    return m, total
+
+
+def softmax_parts(row: np.ndarray) -> tuple[float, float]:
+    """(max, denominator) of softmax(row) in float64: the largest finite value (-inf when there is none)
+    and sum(exp(v - max)) over the values that are not NaN. p(v) = exp(v - max) / denominator."""
+    return _softmax_parts(np.ascontiguousarray(row, dtype=np.float32))
+
+
+# ---------------------------------------------------------------------------------------------
 # activation statistics, reduced where the data is
 def _stats_rows_py(x, out):  # x f32 (n, d); out f64 (n, 10) in STAT_FIELDS order
     for i in prange(x.shape[0]):

@@ -25,3 +25,28 @@ def test_top_ids_on_a_vocabulary_sized_row():
     row[[5, 70000, 151935]] = row.max() + 1  # a three-way tie for first: lower ids first
     assert np.array_equal(top_ids(row, 20), np.argsort(-row, kind="stable")[:20])
     assert list(top_ids(row, 3)) == [5, 70000, 151935]
+
+
+def numpy_softmax_probs(row: np.ndarray) -> np.ndarray:
+    """The whole-vocabulary softmax, written out in numpy (the max over finite values, NaN left out of the sum)."""
+    finite = row[np.isfinite(row)]
+    if not finite.size:
+        return np.full_like(row, np.nan)
+    with np.errstate(invalid="ignore"):
+        e = np.exp((row - finite.max()).astype(np.float64))
+        return (e / np.nansum(e)).astype(np.float32)
+
+
+@settings(max_examples=300, deadline=None)
+@given(arrays(np.float32, st.integers(1, 40), elements=VALUES))
+def test_recorded_top_probabilities_are_the_whole_row_softmax(row):
+    """The recorder evaluates the softmax at the top-k ids only; it must be the full softmax there, NaN, Inf
+    and rows without a finite value included."""
+    from traces.recorder import TraceRecorder
+
+    rec = TraceRecorder(top_k=5)
+    rec.logits([0], row[None])
+    got = rec.logits_records[0]
+    want = numpy_softmax_probs(row)[got.top_ids]
+    np.testing.assert_allclose(got.top_probs, want, rtol=1e-6, atol=0)
+    assert np.array_equal(np.isnan(got.top_probs), np.isnan(want))
