@@ -436,10 +436,16 @@ def _rows_q6_k(w, ids, out):
 # elements (the K-quants' mins) computed once per call. Same products, fewer multiplies; the rounding
 # differs from the tiled kernels' in the last bits. Q8_0 is read 8 blocks (256 weights) at a time, so its
 # rows take this path when their length is a multiple of 256 (the model's always are).
-def _row_dot(block, row_bytes: int, d_at: int, dmin_at: int, a_stride: int):
+# per type: (bytes per 256 weights, byte of the f16 d in them, byte of the f16 dmin); -1: the block
+# intrinsic decodes its own scales (Q8_0's 8), or the type has no dmin
+_ROW_BLOCKS = {QT.Q4_K: (144, 0, 2), QT.Q5_K: (176, 0, 2), QT.Q6_K: (210, 208, -1), QT.Q8_0: (8 * 34, -1, -1)}
+
+
+def _row_dot(block, qtype: int, a_stride: int):
     """dot(row, x, xr, a): the row's 256-weight blocks in order, each block(row, at, x[xr], .., a[xr], ..)
-    with its float16 scales d (byte d_at of the block) and dmin (dmin_at); a scale at a negative offset is
-    not read (the block decodes its own); a[xr] holds a_stride floats per block (blocks.py says which)."""
+    with its float16 scales d and dmin read as _ROW_BLOCKS says; a[xr] holds a_stride floats per block
+    (blocks.py says which)."""
+    row_bytes, d_at, dmin_at = _ROW_BLOCKS[qtype]
 
     @njit(inline="always")
     def dot(row, x, xr, a):
@@ -455,10 +461,10 @@ def _row_dot(block, row_bytes: int, d_at: int, dmin_at: int, a_stride: int):
     return dot
 
 
-_row_q4_k = _row_dot(blocks.q4_k_f32, 144, 0, 2, 8)
-_row_q5_k = _row_dot(blocks.q5_k_f32, 176, 0, 2, 8)
-_row_q6_k = _row_dot(blocks.q6_k_f32, 210, 208, -1, 8)
-_row_q8_0 = _row_dot(blocks.q8_0_f32, 8 * 34, -1, -1, 8)
+_row_q4_k = _row_dot(blocks.q4_k_f32, QT.Q4_K, 8)
+_row_q5_k = _row_dot(blocks.q5_k_f32, QT.Q5_K, 8)
+_row_q6_k = _row_dot(blocks.q6_k_f32, QT.Q6_K, 8)
+_row_q8_0 = _row_dot(blocks.q8_0_f32, QT.Q8_0, 8)
 
 
 @njit(inline="always")

@@ -114,16 +114,12 @@ def _quantize_rows(x, xq, xa):
 
 
 @njit(cache=True)
-def _quantized(x):
+def quantize_rows(x):
+    """(xq, xa) of a C-contiguous float32 (m, C), C a multiple of 256 (see _quantize_rows)."""
     xq = np.empty(x.shape, np.int8)
     xa = np.empty((x.shape[0], x.shape[1] // QK_K * 2 * PER_BLOCK), np.float32)
     _quantize_rows(x, xq, xa)
     return xq, xa
-
-
-def quantize_rows(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(xq, xa) of a C-contiguous float32 (m, C), C a multiple of 256 (see _quantize_rows)."""
-    return _quantized(x)
 
 
 def scales_and_sums(xa: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -134,35 +130,35 @@ def scales_and_sums(xa: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 # ---------------------------------------------------------------------------------------------
 # the products: one token, its k experts (k = 1 for a plain matvec); rows as in cpu._single_token
-_row_q4_k = _row_dot(blocks.q4_k_q8, 144, 0, 2, 2 * PER_BLOCK)
-_row_q5_k = _row_dot(blocks.q5_k_q8, 176, 0, 2, 2 * PER_BLOCK)
-_row_q6_k = _row_dot(blocks.q6_k_q8, 210, 208, -1, 2 * PER_BLOCK)
-_row_q8_0 = _row_dot(blocks.q8_0_q8, 8 * 34, -1, -1, 2 * PER_BLOCK)
+_row_q4_k = _row_dot(blocks.q4_k_q8, QT.Q4_K, 2 * PER_BLOCK)
+_row_q5_k = _row_dot(blocks.q5_k_q8, QT.Q5_K, 2 * PER_BLOCK)
+_row_q6_k = _row_dot(blocks.q6_k_q8, QT.Q6_K, 2 * PER_BLOCK)
+_row_q8_0 = _row_dot(blocks.q8_0_q8, QT.Q8_0, 2 * PER_BLOCK)
 
 
 # w (E, R, RB) uint8; sel int32 (1, k); x f32 (1 or k, C), C a multiple of 256; out f32 (k, R). The input
 # is quantized first, serially (a few thousand values), then the rows are dotted in parallel.
 @njit(cache=True, parallel=True, fastmath=FASTMATH)
 def _vec_q4_k(w, sel, x, out):
-    xq, xa = _quantized(x)
+    xq, xa = quantize_rows(x)
     _single_token(_row_q4_k, w, sel, xq, xa, out)
 
 
 @njit(cache=True, parallel=True, fastmath=FASTMATH)
 def _vec_q5_k(w, sel, x, out):
-    xq, xa = _quantized(x)
+    xq, xa = quantize_rows(x)
     _single_token(_row_q5_k, w, sel, xq, xa, out)
 
 
 @njit(cache=True, parallel=True, fastmath=FASTMATH)
 def _vec_q6_k(w, sel, x, out):
-    xq, xa = _quantized(x)
+    xq, xa = quantize_rows(x)
     _single_token(_row_q6_k, w, sel, xq, xa, out)
 
 
 @njit(cache=True, parallel=True, fastmath=FASTMATH)
 def _vec_q8_0(w, sel, x, out):
-    xq, xa = _quantized(x)
+    xq, xa = quantize_rows(x)
     _single_token(_row_q8_0, w, sel, xq, xa, out)
 
 

@@ -168,17 +168,21 @@ def _deq_q8_0(w, e, r, u, vals):
 
 
 @cuda.jit(device=True, inline=True)
-def _deq_q4_k(w, e, r, u, vals):
-    # block u // 32 (d, dmin, scales[12], qs[128]); v = u % 32 -> group g = v // 8, bytes 4m .. 4m + 3
-    base = (u // 32) * 144
-    v = u % 32
-    g = v // 8
-    m = v % 8
+def _k_group_scales(w, e, r, base, g):
+    """Q4_K / Q5_K block at `base`: (d * scale, dmin * min) of sub-blocks 2g and 2g + 1."""
     d = _half(w, e, r, base)
     dmin = _half(w, e, r, base + 2)
     sc1, m1 = _scale_min_k4(w, e, r, base + 4, 2 * g)
     sc2, m2 = _scale_min_k4(w, e, r, base + 4, 2 * g + 1)
-    d1, dm1, d2, dm2 = d * sc1, dmin * m1, d * sc2, dmin * m2
+    return d * sc1, dmin * m1, d * sc2, dmin * m2
+
+
+@cuda.jit(device=True, inline=True)
+def _deq_q4_k(w, e, r, u, vals):
+    # block u // 32 (d, dmin, scales[12], qs[128]); v = u % 32 -> group g = v // 8, bytes 4m .. 4m + 3
+    base = (u // 32) * 144
+    g, m = u % 32 // 8, u % 8
+    d1, dm1, d2, dm2 = _k_group_scales(w, e, r, base, g)
     qs = base + 16 + 32 * g + 4 * m
     for j in range(4):
         q = np.int32(w[e, r, qs + j])
@@ -196,14 +200,8 @@ def _col_q4_k(u, j):
 def _deq_q5_k(w, e, r, u, vals):
     # as Q4_K with qh[32] before qs: bit 2g of qh[l] is the fifth bit of element l of sub-block 2g
     base = (u // 32) * 176
-    v = u % 32
-    g = v // 8
-    m = v % 8
-    d = _half(w, e, r, base)
-    dmin = _half(w, e, r, base + 2)
-    sc1, m1 = _scale_min_k4(w, e, r, base + 4, 2 * g)
-    sc2, m2 = _scale_min_k4(w, e, r, base + 4, 2 * g + 1)
-    d1, dm1, d2, dm2 = d * sc1, dmin * m1, d * sc2, dmin * m2
+    g, m = u % 32 // 8, u % 8
+    d1, dm1, d2, dm2 = _k_group_scales(w, e, r, base, g)
     qs = base + 48 + 32 * g + 4 * m
     qh = base + 16 + 4 * m
     for j in range(4):
